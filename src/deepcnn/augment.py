@@ -1,0 +1,84 @@
+"""Image distortions and preprocessing on whole batches, on the training device.
+
+Definitions follow tf.image (the recipe's library): brightness adds a delta, contrast
+scales each channel about its own mean, and per-image standardization divides by
+max(std, 1/sqrt(N)) over all N values of an image. No clipping: the recipe distorts
+float images, for which tf.image does not clip.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+    """size x size windows at per-image offsets, gathered in one indexing operation."""
+    n, c = images.shape[:2]
+    offsets = torch.arange(size, device=images.device)
+    rows = (top[:, None] + offsets)[:, None, :, None]
+    cols = (left[:, None] + offsets)[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return images[batch, channel, rows, cols]
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    top = (images.shape[-2] - size) // 2
+    left = (images.shape[-1] - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where mask is true."""
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def adjust_brightness(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return images + delta[:, None, None, None]
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    return (images - mean) * factor[:, None, None, None] + mean
+
+
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    values = images[0].numel()
+    flat = images.flatten(1)
+    mean = flat.mean(dim=1)
+    std = flat.std(dim=1, correction=0).clamp_min(values**-0.5)
+    return (images - mean[:, None, None, None]) / std[:, None, None, None]
+
+
+def uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+
+
+def distort(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    crop_size: int,
+    random_crop: bool = True,
+    flip_prob: float = 0.5,
+    max_brightness: float = 63.0,
+    contrast: tuple[float, float] = (0.2, 1.8),
+) -> torch.Tensor:
+    """The recipe's training distortions on a uint8 batch, returning standardized float32."""
+    x = images.float()
+    n = x.shape[0]
+    if random_crop:
+        top = torch.randint(0, x.shape[-2] - crop_size + 1, (n,), generator=generator, device=generator.device)
+        left = torch.randint(0, x.shape[-1] - crop_size + 1, (n,), generator=generator, device=generator.device)
+        x = crop(x, top, left, crop_size)
+    else:
+        x = centre_crop(x, crop_size)
+    x = flip(x, torch.rand(n, generator=generator, device=generator.device) < flip_prob)
+    if max_brightness:
+        x = adjust_brightness(x, uniform(n, -max_brightness, max_brightness, generator))
+    if contrast:
+        x = adjust_contrast(x, uniform(n, contrast[0], contrast[1], generator))
+    return standardize(x)
+
+
+def preprocess(images: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Test-time preprocessing: centre crop and standardization, never a distortion."""
+    return standardize(centre_crop(images.float(), crop_size))

@@ -1,0 +1,166 @@
+"""The LightningDataModule: streams record batches and distorts them on the training device."""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from deepcnn import augment
+from deepcnn.download import download_dataset
+from deepcnn.errors import DataError, DownloadError
+from deepcnn.records import CIFAR10, Dataset, RecordSet, find_records_dir, open_dataset
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The augmentation seed of one step: a function of (seed, step) alone, so resuming replays it."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+class TrainStream:
+    """Training batches for steps start, start+1, ... forever: (images uint8, labels, step).
+
+    Step s takes batch s of its epoch's seeded permutation of every record; with several
+    processes each takes its own slice of that batch position. A background thread reads
+    ahead so that disk reads overlap the training step.
+    """
+
+    def __init__(self, records: RecordSet, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1, prefetch: int = 4):
+        self.records, self.batch_size, self.seed = records, batch_size, seed
+        self.start_step, self.rank, self.world_size, self.prefetch = start_step, rank, world_size, prefetch
+        self.steps_per_epoch = len(records) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(records)} training records cannot fill one step of {batch_size} x {world_size} process(es)"
+            )
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, len(self.records))
+        start = (position * self.world_size + self.rank) * self.batch_size
+        return self._perm[start : start + self.batch_size]
+
+    def batch(self, step: int):
+        images, labels = self.records.batch(self.indices(step))
+        return torch.from_numpy(images), torch.from_numpy(labels), torch.tensor(step)
+
+    def __iter__(self):
+        ahead: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            step = self.start_step
+            while not stop.is_set():
+                try:
+                    item = self.batch(step)
+                except Exception as err:  # handed to the consumer, which re-raises it in the training process
+                    item = err
+                while not stop.is_set():
+                    try:
+                        ahead.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, Exception):
+                    return
+                step += 1
+
+        thread = threading.Thread(target=produce, name="deepcnn-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ahead.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+class EvalStream:
+    """Every record once, in file order, in batches of (images uint8, labels); this process's share only."""
+
+    def __init__(self, records: RecordSet, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.records, self.batch_size = records, batch_size
+        self.indices = np.arange(rank, len(records), world_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            images, labels = self.records.batch(self.indices[start : start + self.batch_size])
+            yield torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class CifarDataModule(pl.LightningDataModule):
+    def __init__(self, data_dir: str, batch_size: int = 128, eval_batch_size: int = 1000, crop_size: int = 24,
+                 random_crop: bool = True, flip_prob: float = 0.5, max_brightness: float = 63.0,
+                 contrast: tuple[float, float] | None = (0.2, 1.8), label: str = "fine", download: bool = True,
+                 url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4):
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.eval_batch_size, self.crop_size = batch_size, eval_batch_size, crop_size
+        self.distortions = dict(random_crop=random_crop, flip_prob=flip_prob, max_brightness=max_brightness,
+                                contrast=tuple(contrast) if contrast else None)
+        self.label, self.download, self.url, self.md5 = label, download, url, md5
+        self.seed, self.prefetch = seed, prefetch
+        self.dataset: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        if find_records_dir(self.data_dir) is not None:
+            return
+        where = self.data_dir.resolve()
+        if not self.download:
+            raise DataError(f"{where}: no CIFAR binary batches here, and data.download=false")
+        try:
+            download_dataset(self.url, self.md5, self.data_dir, CIFAR10.folder)
+        except DownloadError as err:
+            raise DataError(
+                f"no CIFAR binary batches in {where}, and downloading them failed: {err}. "
+                "Point data.data_dir (or $DEEPCNN_DATA) at a folder holding cifar-10-batches-bin/"
+            ) from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = open_dataset(self.data_dir, self.label)
+
+    @property
+    def classes(self) -> list[str]:
+        self.setup()
+        return self.dataset.classes
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return TrainStream(self.dataset.train, self.batch_size, self.seed, start, rank, world, self.prefetch)
+
+    def val_dataloader(self):
+        return EvalStream(self.dataset.test, self.eval_batch_size, *self._rank_world())
+
+    test_dataloader = val_dataloader
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if len(batch) == 3:
+            images, labels, step = batch
+            generator = torch.Generator(device=images.device).manual_seed(step_seed(self.seed, int(step)))
+            x = augment.distort(images, generator, self.crop_size, **self.distortions)
+        else:
+            images, labels = batch
+            x = augment.preprocess(images, self.crop_size)
+        return x.contiguous(memory_format=torch.channels_last), labels

@@ -1,0 +1,122 @@
+"""The LightningModule: network, loss, accuracy metrics and the stepped learning-rate schedule."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from deepcnn.errors import CheckpointError, DivergenceError
+
+
+def decayed_lr(step: int, lr: float, decay_rate: float, decay_steps: int, staircase: bool = True) -> float:
+    """lr * decay_rate^(step / decay_steps), the exponent floored when staircase (tf's exponential_decay)."""
+    exponent = step // decay_steps if staircase else step / decay_steps
+    return lr * decay_rate**exponent
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model: dict, optimizer: dict, classes: list[str], crop_size: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = hydra.utils.instantiate(model, num_classes=len(classes))
+        self.model.to(memory_format=torch.channels_last)
+        n = len(classes)
+        self.val_accuracy = MulticlassAccuracy(n, average="micro")
+        self.val_per_class = MulticlassAccuracy(n, average="none")
+        self.test_accuracy = MulticlassAccuracy(n, average="micro")
+        self.test_per_class = MulticlassAccuracy(n, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(n)
+        self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "accuracy": []}
+        self.test_result: dict | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"loss became {loss.item()} at step {self.global_step}; stopped, the last good checkpoint is kept "
+                "(lower optimizer.lr, or resume from that checkpoint)"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.history["loss"].append((self.global_step + 1, loss.item()))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        self.val_accuracy.update(logits, labels)
+        self.val_per_class.update(logits, labels)
+
+    def on_validation_epoch_end(self):
+        accuracy = self.val_accuracy.compute()
+        per_class = self.val_per_class.compute()
+        self.log("val/accuracy", accuracy, prog_bar=True)
+        for name, value in zip(self.hparams.classes, per_class):
+            self.log(f"val_per_class/{name}", value)
+        self.val_accuracy.reset()
+        self.val_per_class.reset()
+        if self.trainer.state.fn == "fit":
+            self.history["accuracy"].append((self.global_step, accuracy.item()))
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        for metric in (self.test_accuracy, self.test_per_class, self.test_confusion):
+            metric.update(logits, labels)
+
+    def on_test_epoch_end(self):
+        accuracy = self.test_accuracy.compute()
+        per_class = self.test_per_class.compute()
+        self.log("test/accuracy", accuracy)
+        self.test_result = {
+            "accuracy": accuracy.item(),
+            "per_class": dict(zip(self.hparams.classes, per_class.tolist())),
+            "confusion": self.test_confusion.compute().tolist(),
+        }
+        for metric in (self.test_accuracy, self.test_per_class, self.test_confusion):
+            metric.reset()
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optimizer
+        optimizer = torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                    nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: decayed_lr(step, 1.0, cfg["decay_rate"], cfg["decay_steps"], cfg["staircase"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["deepcnn_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint):
+        self.history = checkpoint.get("deepcnn_history", {"loss": [], "accuracy": []})
+
+
+def load_classifier(path: str | Path, map_location="cpu") -> Classifier:
+    """A Classifier from a deepcnn checkpoint, or a CheckpointError that says what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or not {"model", "optimizer", "classes", "crop_size"} <= set(hparams):
+        raise CheckpointError(f"{path}: not a deepcnn checkpoint (no deepcnn model settings in it)")
+    try:
+        classifier = Classifier(**{k: hparams[k] for k in ("model", "optimizer", "classes", "crop_size")})
+        classifier.load_state_dict(checkpoint["state_dict"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: its weights do not fit the model it names ({err})") from None
+    classifier.on_load_checkpoint(checkpoint)
+    return classifier.eval()

@@ -1,0 +1,69 @@
+"""What a run leaves for people: plots, results.json and printed tables."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def plot_curves(history: dict[str, list[tuple[int, float]]], run_dir: Path) -> list[Path]:
+    """loss.png (train loss by step) and accuracy.png (test accuracy by step), as the recipe draws them."""
+    written = []
+    for key, filename, title, ylabel in (
+        ("loss", "loss.png", "Softmax loss per generation", "Loss"),
+        ("accuracy", "accuracy.png", "Test accuracy (whole test set)", "Accuracy"),
+    ):
+        points = history.get(key) or []
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, "k-" if key == "loss" else "r-")
+        ax.set(title=title, xlabel="Generation", ylabel=ylabel)
+        fig.tight_layout()
+        fig.savefig(run_dir / filename, dpi=100)
+        plt.close(fig)
+        written.append(run_dir / filename)
+    return written
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.6 * len(classes) + 0.8))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="Predicted", ylabel="True", title="Confusion matrix (test set)")
+    if len(classes) <= 20:
+        top = max(max(row) for row in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                        color="white" if count > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_table(accuracy: float, per_class: dict[str, float]) -> str:
+    width = max(len(name) for name in per_class)
+    lines = [f"test accuracy: {100 * accuracy:.2f}% (whole test set)"]
+    lines += [f"  {name:<{width}}  {100 * value:6.2f}%" for name, value in per_class.items()]
+    return "\n".join(lines)
+
+
+def png_array(path: Path):
+    """An image file as an H x W x 3 uint8 array, for TensorBoard."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
