@@ -1,0 +1,105 @@
+"""Augmentations against NumPy transcriptions of tf.image's formulas."""
+import numpy as np
+import pytest
+import torch
+
+from deepcnn import augment
+
+
+@pytest.fixture
+def images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(6, 3, 32, 32)).astype(np.float32)
+
+
+def np_standardize(x):
+    # tf.image.per_image_standardization: (x - mean) / max(stddev, 1/sqrt(N)) over each image's N values
+    out = np.empty_like(x)
+    for i, image in enumerate(x):
+        out[i] = (image - image.mean()) / max(image.std(), 1 / np.sqrt(image.size))
+    return out
+
+
+def test_standardize_matches_formula(images):
+    got = augment.standardize(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(got, np_standardize(images), rtol=1e-5, atol=1e-5)
+
+
+def test_standardize_of_flat_image_uses_minimum_std():
+    flat = np.full((1, 3, 4, 4), 7.0, dtype=np.float32)
+    flat[0, 0, 0, 0] = 8.0
+    expected = (flat - flat.mean()) / max(flat.std(), 1 / np.sqrt(flat[0].size))
+    np.testing.assert_allclose(augment.standardize(torch.from_numpy(flat)).numpy(), expected, rtol=1e-5)
+
+
+def test_brightness_adds_delta(images):
+    delta = np.array([-63, -1.5, 0, 2, 40, 63], dtype=np.float32)
+    got = augment.adjust_brightness(torch.from_numpy(images), torch.from_numpy(delta)).numpy()
+    np.testing.assert_allclose(got, images + delta[:, None, None, None])
+
+
+def test_contrast_scales_about_each_channel_mean(images):
+    factor = np.array([0.2, 0.5, 1.0, 1.3, 1.8, 0.9], dtype=np.float32)
+    # tf.image.adjust_contrast: (x - mean) * factor + mean, mean over each channel of each image
+    mean = images.mean(axis=(2, 3), keepdims=True)
+    expected = (images - mean) * factor[:, None, None, None] + mean
+    got = augment.adjust_contrast(torch.from_numpy(images), torch.from_numpy(factor)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_crop_takes_window_at_offsets(images):
+    top = np.array([0, 8, 3, 5, 1, 7])
+    left = np.array([8, 0, 4, 2, 6, 7])
+    got = augment.crop(torch.from_numpy(images), torch.from_numpy(top), torch.from_numpy(left), 24).numpy()
+    expected = np.stack([img[:, t : t + 24, l : l + 24] for img, t, l in zip(images, top, left)])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_centre_crop_matches_tf_crop_or_pad(images):
+    # tf.image.resize_image_with_crop_or_pad crops (32 - 24) // 2 = 4 from the top and left
+    np.testing.assert_array_equal(augment.centre_crop(torch.from_numpy(images), 24).numpy(), images[:, :, 4:28, 4:28])
+
+
+def test_flip_mirrors_only_masked(images):
+    mask = np.array([True, False, True, False, False, True])
+    got = augment.flip(torch.from_numpy(images), torch.from_numpy(mask)).numpy()
+    expected = np.where(mask[:, None, None, None], images[..., ::-1], images)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_distort_pipeline_matches_formula_with_same_draws(images):
+    """distort() = crop, flip, brightness, contrast, standardize, with draws in that order."""
+    uint8 = torch.from_numpy(images.astype(np.uint8))
+    got = augment.distort(uint8, torch.Generator().manual_seed(5), 24).numpy()
+
+    g = torch.Generator().manual_seed(5)
+    n = len(images)
+    top = torch.randint(0, 9, (n,), generator=g).numpy()
+    left = torch.randint(0, 9, (n,), generator=g).numpy()
+    flips = (torch.rand(n, generator=g) < 0.5).numpy()
+    delta = (torch.rand(n, generator=g) * 126 - 63).numpy()
+    factor = (torch.rand(n, generator=g) * 1.6 + 0.2).numpy()
+    x = images.astype(np.uint8).astype(np.float32)
+    x = np.stack([img[:, t : t + 24, l : l + 24] for img, t, l in zip(x, top, left)])
+    x = np.where(flips[:, None, None, None], x[..., ::-1], x) + delta[:, None, None, None]
+    mean = x.mean(axis=(2, 3), keepdims=True)
+    x = (x - mean) * factor[:, None, None, None] + mean
+    np.testing.assert_allclose(got, np_standardize(x), rtol=1e-4, atol=1e-4)
+
+
+def test_distort_output_is_standardized_and_varies_with_seed():
+    images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    n = len(images)
+    out = augment.distort(images, torch.Generator().manual_seed(0), 24)
+    again = augment.distort(images, torch.Generator().manual_seed(1), 24)
+    assert (out != again).any(dim=(1, 2, 3)).float().mean() > 0.9
+    assert out.shape == (n, 3, 24, 24)
+    flat = out.flatten(1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(n), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flat.std(1, correction=0), torch.ones(n), atol=1e-3, rtol=0)
+
+
+def test_preprocess_is_centre_crop_then_standardize(images):
+    got = augment.preprocess(torch.from_numpy(images.astype(np.uint8)), 24).numpy()
+    x = images.astype(np.uint8).astype(np.float32)[:, :, 4:28, 4:28]
+    np.testing.assert_allclose(got, np_standardize(x), rtol=1e-5, atol=1e-5)

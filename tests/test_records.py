@@ -1,0 +1,38 @@
+"""Reading the CIFAR binary layout: records come back exactly as written."""
+import numpy as np
+
+from conftest import write_dataset, write_records
+from deepcnn.records import CIFAR10, RECORD_SIZE, open_dataset
+
+
+def test_record_size_is_label_plus_pixels():
+    assert RECORD_SIZE == 1 + 3 * 32 * 32 == 3073
+
+
+def test_reads_labels_and_pixels_as_written(tmp_path):
+    folder = tmp_path / CIFAR10.folder
+    folder.mkdir()
+    labels = np.array([2, 0, 1, 2, 1])
+    pixels = write_records(folder / "data_batch_1.bin", labels)
+    write_records(folder / "data_batch_2.bin", [0, 0])
+    write_records(folder / "test_batch.bin", [1])
+    (folder / "batches.meta.txt").write_text("a\nb\nc\n\n")
+    data = open_dataset(tmp_path)
+    assert data.classes == ["a", "b", "c"]
+    assert len(data.train) == 7 and len(data.test) == 1
+    images, got_labels = data.train.batch(np.array([4, 0, 2]))
+    np.testing.assert_array_equal(got_labels, labels[[4, 0, 2]])
+    # plane order: red plane, then green, then blue, each row-major
+    np.testing.assert_array_equal(images, pixels[[4, 0, 2]].reshape(3, 3, 32, 32))
+    assert images[1, 1, 0, 5] == pixels[0, 1024 + 5]
+
+
+def test_indices_span_files(tmp_path):
+    folder = write_dataset(tmp_path, per_file=10, train_files=3)
+    data = open_dataset(folder)
+    expected = b"".join((folder / f"data_batch_{i}.bin").read_bytes() for i in (1, 2, 3))
+    records = np.frombuffer(expected, np.uint8).reshape(30, RECORD_SIZE)
+    order = np.array([29, 0, 10, 9, 20, 19])
+    images, labels = data.train.batch(order)
+    np.testing.assert_array_equal(labels, records[order, 0])
+    np.testing.assert_array_equal(images.reshape(6, -1), records[order, 1:])

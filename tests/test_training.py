@@ -1,0 +1,42 @@
+"""Training end to end through the command line: a short real run, and a sweep."""
+import json
+
+from conftest import run_cli
+
+
+def test_short_real_run_learns(shared_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", f"data.data_dir={shared_data}", "trainer.max_steps=300",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["steps"] == 300
+    assert summary["test_accuracy"] >= 0.35, summary
+    assert set(summary) == {"test_accuracy", "per_class_accuracy", "steps", "train_seconds", "images_per_second",
+                            "checkpoint"}
+    assert len(summary["per_class_accuracy"]) == 10
+    assert summary["images_per_second"] > 0
+    for name in ("loss.png", "accuracy.png", "confusion.png", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert "test accuracy" in result.stdout
+
+    evaluated = run_cli("eval.py", f"ckpt_path={summary['checkpoint']}", f"data.data_dir={shared_data}",
+                        f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"test accuracy: {100 * summary['test_accuracy']:.2f}%" in evaluated.stdout
+    assert "airplane" in evaluated.stdout and "truck" in evaluated.stdout
+
+
+def test_sweep_makes_one_run_directory_per_value(tiny_data, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("train.py", "-m", "optimizer.lr=0.05,0.1", f"data.data_dir={tiny_data}", "data.batch_size=16",
+                     "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1"]
+    lrs = []
+    for run in runs:
+        assert json.loads((run / "results.json").read_text())["steps"] == 4
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        lrs.append(float((run / ".hydra" / "overrides.yaml").read_text().split("optimizer.lr=")[1].split()[0]))
+    assert lrs == [0.05, 0.1]
