@@ -8,6 +8,7 @@ float images, for which tf.image does not clip.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,13 +59,19 @@ def distort(
     generator: torch.Generator,
     crop_size: int,
     random_crop: bool = True,
+    pad: int = 0,
     flip_prob: float = 0.5,
     max_brightness: float = 63.0,
     contrast: tuple[float, float] = (0.2, 1.8),
 ) -> torch.Tensor:
-    """The recipe's training distortions on a uint8 batch, returning standardized float32."""
+    """The recipe's training distortions on a uint8 batch, returning standardized float32.
+
+    pad > 0 reflects the borders out first, so that a random crop can also translate the image.
+    """
     x = images.float()
     n = x.shape[0]
+    if pad:
+        x = F.pad(x, (pad,) * 4, mode="reflect")
     if random_crop:
         top = torch.randint(0, x.shape[-2] - crop_size + 1, (n,), generator=generator, device=generator.device)
         left = torch.randint(0, x.shape[-1] - crop_size + 1, (n,), generator=generator, device=generator.device)
@@ -82,3 +89,22 @@ def distort(
 def preprocess(images: torch.Tensor, crop_size: int) -> torch.Tensor:
     """Test-time preprocessing: centre crop and standardization, never a distortion."""
     return standardize(centre_crop(images.float(), crop_size))
+
+
+def tta_views(images: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits make the test-time-augmented prediction.
+
+    level 0: the image; 1: the image and its mirror; 2: half of that, plus the mirrored pairs of the
+    image shifted one pixel up-left and down-right (reflected borders), a quarter each.
+    """
+    if level == 0:
+        return [(1.0, images)]
+    mirrored = [(0.5, images), (0.5, images.flip(-1))]
+    if level == 1:
+        return mirrored
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    return [(weight / 2, view) for weight, view in mirrored] + [
+        (0.125, view) for s in shifted for view in (s, s.flip(-1))
+    ]

@@ -20,10 +20,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as out:
-            torch.save(checkpoint, out)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(partial, "wb") as out:
+                torch.save(checkpoint, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(path)
 
 

@@ -19,9 +19,10 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The augmentation seed of one step: a function of (seed, step) alone, so resuming replays it."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The augmentation seed of one process's step: a function of (seed, step, rank) alone, so resuming
+    replays it, and the processes of a data-parallel run distort their shares of a batch independently."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 class TrainStream:
@@ -106,13 +107,13 @@ class EvalStream:
 
 class CifarDataModule(pl.LightningDataModule):
     def __init__(self, data_dir: str, batch_size: int = 128, eval_batch_size: int = 1000, crop_size: int = 24,
-                 random_crop: bool = True, flip_prob: float = 0.5, max_brightness: float = 63.0,
+                 random_crop: bool = True, pad: int = 0, flip_prob: float = 0.5, max_brightness: float = 63.0,
                  contrast: tuple[float, float] | None = (0.2, 1.8), label: str = "fine", download: bool = True,
                  url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size, self.crop_size = batch_size, eval_batch_size, crop_size
-        self.distortions = dict(random_crop=random_crop, flip_prob=flip_prob, max_brightness=max_brightness,
+        self.distortions = dict(random_crop=random_crop, pad=pad, flip_prob=flip_prob, max_brightness=max_brightness,
                                 contrast=tuple(contrast) if contrast else None)
         self.label, self.download, self.url, self.md5 = label, download, url, md5
         self.seed, self.prefetch = seed, prefetch
@@ -122,8 +123,11 @@ class CifarDataModule(pl.LightningDataModule):
         if find_records_dir(self.data_dir) is not None:
             return
         where = self.data_dir.resolve()
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise DataError(f"{where}: is a file, not a folder of CIFAR binary batches")
         if not self.download:
-            raise DataError(f"{where}: no CIFAR binary batches here, and data.download=false")
+            problem = "no CIFAR binary batches here" if self.data_dir.is_dir() else "folder does not exist"
+            raise DataError(f"{where}: {problem}, and data.download=false")
         try:
             download_dataset(self.url, self.md5, self.data_dir, CIFAR10.folder)
         except DownloadError as err:
@@ -158,7 +162,8 @@ class CifarDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if len(batch) == 3:
             images, labels, step = batch
-            generator = torch.Generator(device=images.device).manual_seed(step_seed(self.seed, int(step)))
+            seed = step_seed(self.seed, int(step), self._rank_world()[0])
+            generator = torch.Generator(device=images.device).manual_seed(seed)
             x = augment.distort(images, generator, self.crop_size, **self.distortions)
         else:
             images, labels = batch

@@ -15,6 +15,10 @@ class DataError(UserError):
     """The dataset on disk is missing or malformed."""
 
 
+class ImageError(UserError):
+    """An image file cannot be read as an image."""
+
+
 class DownloadError(UserError):
     """The dataset could not be fetched or did not verify."""
 
@@ -29,10 +33,14 @@ class DivergenceError(UserError):
     exit_code = 3
 
 
+def report(err: UserError) -> None:
+    print(f"deepcnn: error: {err}", file=sys.stderr)
+
+
 @contextmanager
 def reported_errors():
     try:
         yield
     except UserError as err:
-        print(f"deepcnn: error: {err}", file=sys.stderr)
+        report(err)
         sys.exit(err.exit_code)

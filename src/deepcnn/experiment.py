@@ -17,11 +17,14 @@ from deepcnn import reports
 from deepcnn.callbacks import AtomicCheckpointIO, GracefulStop, LogLines, TrainTimer
 from deepcnn.errors import CheckpointError
 from deepcnn.module import Classifier, load_classifier
+from deepcnn.sync_batchnorm import BatchNormSync
 
 # The train stream resumes at the checkpoint's step by itself (see TrainStream), which Lightning cannot see.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+# Epoch-level values are logged from torchmetrics results, which are already reduced over all processes.
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str:
@@ -42,8 +45,9 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, **ove
     else:
         callbacks = [*callbacks, LogLines(trainer_cfg.get("log_every_n_steps", 50))]
     precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    plugins = [AtomicCheckpointIO(), *([BatchNormSync()] if trainer_cfg.get("sync_batchnorm") else [])]
     return instantiate(
-        trainer_cfg, precision=precision, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        trainer_cfg, precision=precision, callbacks=callbacks, plugins=plugins,
         enable_progress_bar=interactive, default_root_dir=str(run_dir), **overrides,
     )
 
@@ -57,9 +61,19 @@ def run_directory(ckpt_path: str | None) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def check_resumable(ckpt_path: str, resumed: Classifier, module: Classifier) -> None:
+    """Resuming loads the checkpoint's weights into the configured network, so both must be the same
+    network on the same classes; otherwise Lightning fails deep inside with a traceback."""
+    for key in ("model", "classes", "crop_size"):
+        if resumed.hparams[key] != module.hparams[key]:
+            raise CheckpointError(
+                f"{ckpt_path}: was trained with {key} {resumed.hparams[key]}, but this run has "
+                f"{module.hparams[key]}; resume with the settings it was trained with"
+            )
+
+
 def train(cfg: DictConfig) -> dict:
-    if cfg.ckpt_path:
-        load_classifier(cfg.ckpt_path)
+    resumed = load_classifier(cfg.ckpt_path) if cfg.ckpt_path else None
     run_dir = run_directory(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -71,6 +85,8 @@ def train(cfg: DictConfig) -> dict:
         classes=datamodule.classes,
         crop_size=cfg.data.crop_size,
     )
+    if resumed is not None:
+        check_resumable(cfg.ckpt_path, resumed, module)
     checkpoint_dir = run_dir / "checkpoints"
     timer = TrainTimer()
     stop = GracefulStop(checkpoint_dir / "last.ckpt")

@@ -87,3 +87,69 @@ class DeepCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.amax(self.features(x), dim=(2, 3)))
+
+
+def whitening_filters(images: torch.Tensor, size: int = 2, eps: float = 5e-4) -> torch.Tensor:
+    """Conv filters that whiten size x size patches of `images` (N, C, H, W, float), with their negatives.
+
+    Each eigenvector v of the patch covariance, scaled by 1/sqrt(eigenvalue + eps), is a filter whose
+    output has unit variance and no correlation with the others; the negated copies let a following
+    GELU keep both signs.
+    """
+    c = images.shape[1]
+    patches = images.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * size * size)
+    patches = patches.double()
+    patches = patches - patches.mean(dim=0)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0)
+    filters = filters.reshape(-1, c, size, size).float()
+    return torch.cat([filters, -filters])
+
+
+class ConvGroup(nn.Module):
+    """conv3x3 -> max-pool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=1e-12)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=1e-12)
+        for conv in (self.conv1, self.conv2):
+            # Identity start: the first in_channels filters pass their input through unchanged.
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+        for norm in (self.norm1, self.norm2):
+            norm.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class FastCNN(nn.Module):
+    """The fast-training network: a frozen 2x2 whitening conv, three conv groups, a scaled linear head.
+
+    Built on the published fast CIFAR-10 training techniques (airbench, arXiv 2404.00498): the
+    whitening weights come from the training data (`init_whitening`), the convs start as identities,
+    and BatchNorm has fixed scales and fast-moving statistics.
+    """
+
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24,
+                 bn_momentum: float = 0.4, head_scale: float = 1 / 9):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, whiten_width, 2)
+        self.whiten.weight.requires_grad_(False)
+        sizes = [whiten_width, *widths]
+        self.groups = nn.Sequential(*(ConvGroup(a, b, bn_momentum) for a, b in zip(sizes, sizes[1:])))
+        self.head = nn.Linear(sizes[-1], num_classes, bias=False)
+        self.head_scale = head_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor) -> None:
+        filters = whitening_filters(images, self.whiten.kernel_size[0])
+        self.whiten.weight.copy_(filters[: self.whiten.out_channels])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(F.gelu(self.whiten(x)))
+        return self.head(torch.amax(x, dim=(2, 3))) * self.head_scale

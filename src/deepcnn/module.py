@@ -40,8 +40,9 @@ class Classifier(pl.LightningModule):
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
         if not torch.isfinite(loss):
+            # Step numbers count optimizer steps taken, as the progress lines and loss history do.
             raise DivergenceError(
-                f"loss became {loss.item()} at step {self.global_step}; stopped, the last good checkpoint is kept "
+                f"loss became {loss.item()} at step {self.global_step + 1}; stopped, the last good checkpoint is kept "
                 "(lower optimizer.lr, or resume from that checkpoint)"
             )
         self.log("train/loss", loss, prog_bar=True)

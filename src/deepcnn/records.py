@@ -17,6 +17,7 @@ from deepcnn.errors import DataError
 CHANNELS, HEIGHT, WIDTH = 3, 32, 32
 PIXELS = CHANNELS * HEIGHT * WIDTH
 LABEL_CHECK_CHUNK = 4096
+MAX_CLASSES = 256  # what one label byte can tell apart
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,10 @@ def read_class_names(path: Path) -> list[str]:
     if len(set(names)) != len(names):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         raise DataError(f"{path}: class-name file repeats {', '.join(duplicates)}")
-    if len(names) > 256:
-        raise DataError(f"{path}: class-name file names {len(names)} classes; a label byte holds at most 256")
+    if len(names) > MAX_CLASSES:
+        raise DataError(
+            f"{path}: class-name file names {len(names)} classes; a label byte holds at most {MAX_CLASSES}"
+        )
     return names
 
 

@@ -1,0 +1,54 @@
+"""A checkpoint as a self-contained ONNX model: raw RGB pixels in, class logits out."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from deepcnn import augment
+from deepcnn.module import load_classifier
+from deepcnn.records import CHANNELS, HEIGHT, WIDTH
+
+INPUT, OUTPUT = "images", "logits"
+
+
+class Deployed(nn.Module):
+    """A network with its test-time preprocessing in front: float (N, 3, 32, 32) RGB values in 0-255
+    are centre-cropped and standardized exactly as in evaluation, then classified."""
+
+    def __init__(self, model: nn.Module, crop_size: int):
+        super().__init__()
+        self.model, self.crop_size = model, crop_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(augment.preprocess(images, self.crop_size))
+
+
+def export_onnx(ckpt_path: str | Path, output: str | Path) -> Path:
+    """Write the checkpoint's network, preprocessing included, as float32 ONNX with any batch size.
+
+    The class names, in label order, are stored in the model's metadata under "classes".
+    """
+    module = load_classifier(ckpt_path)
+    deployed = Deployed(module.model, module.hparams.crop_size).eval()
+    example = torch.zeros(2, CHANNELS, HEIGHT, WIDTH)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        # The TorchScript-based exporter: it needs nothing beyond the onnx package.
+        torch.onnx.export(deployed, (example,), partial, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        model = onnx.load(partial)
+        onnx.helper.set_model_props(model, {"classes": json.dumps(module.hparams.classes),
+                                            "input": "float32 RGB values 0-255, N x 3 x 32 x 32"})
+        onnx.checker.check_model(model)
+        onnx.save(model, partial)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    return output

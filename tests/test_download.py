@@ -1,0 +1,164 @@
+"""Fetching the dataset from a local HTTP server: a failed download leaves nothing behind where data is
+looked for, says what went wrong, and a retry succeeds."""
+import hashlib
+import io
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import run_cli, write_dataset
+from deepcnn.datamodule import CifarDataModule
+from deepcnn.errors import DataError
+from deepcnn.records import CIFAR10
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves server.files: path -> (body, bytes actually sent before the connection is closed)."""
+
+    def do_GET(self):
+        if self.path not in self.server.files:
+            self.send_error(404)
+            return
+        body, sent = self.server.files[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:sent])
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.files = {}
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def archive(tmp_path, extra: tarfile.TarInfo | None = None) -> bytes:
+    """A .tar.gz holding a small cifar-10-batches-bin/ folder, and the extra member if given."""
+    folder = write_dataset(tmp_path / "source", test_records=8)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname=CIFAR10.folder)
+        if extra is not None:
+            tar.addfile(extra, io.BytesIO(b"evil" * (extra.size // 4)))
+    return buffer.getvalue()
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def serve(server, name: str, body: bytes, sent: int | None = None) -> str:
+    server.files[f"/{name}"] = (body, len(body) if sent is None else sent)
+    return f"{server.url}/{name}"
+
+
+def datamodule(data_dir, url, checksum) -> CifarDataModule:
+    return CifarDataModule(data_dir=str(data_dir), url=url, md5=checksum, batch_size=4, eval_batch_size=4)
+
+
+def assert_nothing_left(data_dir):
+    assert sorted(p.name for p in data_dir.iterdir()) == []
+
+
+def assert_retry_succeeds(server, data_dir, body):
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    module = datamodule(data_dir, url, md5(body))
+    module.prepare_data()
+    module.setup()
+    assert module.classes == ["cat", "dog", "ship"]
+    assert (len(module.dataset.train), len(module.dataset.test)) == (128, 8)
+    assert sorted(p.name for p in data_dir.iterdir()) == [CIFAR10.folder]
+
+
+def test_download_extracts_and_opens(server, tmp_path):
+    assert_retry_succeeds(server, tmp_path / "data", archive(tmp_path))
+
+
+def test_connection_cut_halfway(server, tmp_path):
+    body = archive(tmp_path)
+    url = serve(server, "cut.tar.gz", body, sent=len(body) // 2)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        datamodule(data_dir, url, md5(body)).prepare_data()
+    assert f"downloading them failed: {url}: connection closed after {len(body) // 2:,} of {len(body):,} bytes" \
+        in str(err.value)
+    assert_nothing_left(data_dir)
+    assert_retry_succeeds(server, data_dir, body)
+
+
+def test_wrong_md5(server, tmp_path):
+    body = archive(tmp_path)
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        datamodule(data_dir, url, md5(b"something else")).prepare_data()
+    assert (f"{url}: md5 is {md5(body)}, expected {md5(b'something else')}; the download was removed"
+            in str(err.value))
+    assert_nothing_left(data_dir)
+    assert_retry_succeeds(server, data_dir, body)
+
+
+def outside_file(name):
+    info = tarfile.TarInfo(name)
+    info.size = 4
+    return info
+
+
+def outside_link(name, target):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info
+
+
+@pytest.mark.parametrize("member, problem", [
+    (outside_file("../evil.txt"), "'../evil.txt' would be extracted to"),
+    (outside_file(f"{CIFAR10.folder}/../../evil.txt"), "would be extracted to"),
+    (outside_link(f"{CIFAR10.folder}/passwd", "/etc/passwd"), "is a link to an absolute path"),
+    (outside_link(f"{CIFAR10.folder}/up", "../../evil.txt"), "which is outside the destination"),
+])
+def test_member_outside_the_target_is_refused(member, problem, server, tmp_path):
+    body = archive(tmp_path, member)
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    data_dir = tmp_path / "box" / "data"
+    with pytest.raises(DataError) as err:
+        datamodule(data_dir, url, md5(body)).prepare_data()
+    assert f"{data_dir / 'cifar-10-binary.tar.gz'}: cannot be extracted safely (" in str(err.value)
+    assert problem in str(err.value)
+    assert_nothing_left(data_dir)
+    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["data"]
+    assert_retry_succeeds(server, data_dir, archive(tmp_path))
+
+
+def test_absolute_member_stays_inside_the_target(server, tmp_path):
+    # tarfile's 'data' filter strips the leading '/', so the member lands in the temporary folder and goes with it.
+    target = tmp_path / "absolute-evil.txt"
+    body = archive(tmp_path, outside_file(str(target)))
+    data_dir = tmp_path / "data"
+    assert_retry_succeeds(server, data_dir, body)
+    assert not target.exists()
+
+
+def test_failed_download_is_reported_without_traceback(server, tmp_path):
+    body = archive(tmp_path)
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    data_dir = tmp_path / "data"
+    result = run_cli("train.py", f"data.data_dir={data_dir}", f"data.url={url}", f"data.md5={md5(b'other')}",
+                     f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=2")
+    assert result.returncode == 2
+    assert (f"deepcnn: error: no CIFAR binary batches in {data_dir}, and downloading them failed: {url}: md5 is "
+            f"{md5(body)}, expected {md5(b'other')}; the download was removed") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_left(data_dir)

@@ -1,0 +1,61 @@
+"""The fast preset's pieces: whitening, test-time augmentation, lookahead averaging."""
+import torch
+
+from deepcnn.augment import tta_views
+from deepcnn.averaging import Lookahead
+from deepcnn.models import FastCNN, whitening_filters
+
+
+def test_whitened_patches_have_identity_covariance():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 1, 16, 16, generator=g)
+    # strongly correlated channels and neighbouring pixels, like natural images
+    images = torch.cat([base, 0.8 * base + 0.2 * torch.randn(400, 1, 16, 16, generator=g),
+                        base.roll(1, -1) + 0.1 * torch.randn(400, 1, 16, 16, generator=g)], dim=1)
+    filters = whitening_filters(images, size=2, eps=0.0)
+    assert filters.shape == (24, 3, 2, 2)
+    torch.testing.assert_close(filters[12:], -filters[:12])
+    out = torch.nn.functional.conv2d(images.double(), filters[:12].double())
+    features = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    features = features - features.mean(0)
+    covariance = features.T @ features / len(features)
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_fast_cnn_whitening_init_freezes_filters():
+    model = FastCNN(num_classes=5, widths=(8, 16, 16))
+    model.init_whitening(torch.rand(64, 3, 32, 32))
+    assert not model.whiten.weight.requires_grad
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_tta_is_the_weighted_mean_of_its_views():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    x = torch.rand(5, 3, 8, 8)
+    model(x)
+    for level, count in ((0, 1), (1, 2), (2, 6)):
+        views = tta_views(x, level)
+        assert len(views) == count and abs(sum(w for w, _ in views) - 1) < 1e-12
+        assert all(v.shape == x.shape for _, v in views)
+    views = tta_views(x, 2)
+    flipped = x.flip(-1)
+    up_left = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., :8, :8]
+    expected = (model(x) + model(flipped)) / 4 + (model(up_left) + model(up_left.flip(-1))) / 8
+    down_right = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., 2:, 2:]
+    expected = expected + (model(down_right) + model(down_right.flip(-1))) / 8
+    torch.testing.assert_close(sum(w * model(v) for w, v in views), expected)
+
+
+def test_lookahead_arithmetic():
+    net = torch.nn.Linear(2, 1, bias=False)
+    lookahead = Lookahead(every=5, max_decay=0.5, power=1.0)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    lookahead.update(net, decay=0.5)
+    torch.testing.assert_close(net.weight, torch.ones(1, 2))
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    lookahead.update(net, decay=0.25)  # 0.25 * 1 + 0.75 * 3
+    torch.testing.assert_close(net.weight, torch.full((1, 2), 2.5))
+    torch.testing.assert_close(lookahead.average["weight"], torch.full((1, 2), 2.5))
+    assert lookahead.decay(50, 100) == 0.25 and lookahead.decay(0, 100) == 0.0

@@ -1,0 +1,191 @@
+"""Interruptions and faults during training never lose work: a signal writes a checkpoint that resumes
+to exactly the uninterrupted run, a cut-off checkpoint write keeps the previous one, a diverging loss
+stops with the last good checkpoint kept, and the same seed gives the same run (CPU, float32)."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, write_dataset
+from deepcnn import augment
+from deepcnn.callbacks import AtomicCheckpointIO
+from deepcnn.datamodule import CifarDataModule
+from deepcnn.module import load_classifier
+
+MAX_STEPS, LR, DECAY_RATE, DECAY_STEPS = 30, 0.1, 0.9, 5
+# 128 training records in batches of 16: epochs of 8 steps, so a run of 30 steps crosses epoch boundaries,
+# learning-rate decays (every 5 steps) and test-set evaluations (every 10) both before and after a resume.
+SETTINGS = ("data.batch_size=16", "data.eval_batch_size=16", "data.download=false", f"trainer.max_steps={MAX_STEPS}",
+            "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "trainer.precision=32",
+            "model.channels=8", "model.hidden=[32,16]", f"optimizer.lr={LR}", f"optimizer.decay_rate={DECAY_RATE}",
+            f"optimizer.decay_steps={DECAY_STEPS}", "seed=7")
+
+
+def train_args(data, run_dir, *extra):
+    return (f"data.data_dir={data}", f"hydra.run.dir={run_dir}", *SETTINGS, *extra)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted run: its run directory and its progress lines."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run_cli("train.py", *train_args(data, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, progress(result.stdout)
+
+
+def progress(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("step ")]
+
+
+def step_of(line: str) -> int:
+    return int(line.split()[1].split("/")[0])
+
+
+def checkpoint(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def assert_same_run(run_dir, reference_dir, skip_accuracy_at: int | None = None):
+    """Same test results, same loss history, and bit-identical final weights."""
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference_dir))
+    assert got["steps"] == want["steps"] == MAX_STEPS
+    assert got["test_accuracy"] == want["test_accuracy"]
+    assert got["per_class_accuracy"] == want["per_class_accuracy"]
+    got, want = checkpoint(run_dir), checkpoint(reference_dir)
+    assert got["global_step"] == want["global_step"] == MAX_STEPS
+    assert got["deepcnn_history"]["loss"] == want["deepcnn_history"]["loss"]
+    assert [step for step, _ in want["deepcnn_history"]["loss"]] == list(range(1, MAX_STEPS + 1))
+    # Periodic checkpoints are written before that step's test-set evaluation, so a run resumed from a
+    # checkpoint at an evaluation step lacks that one point of the accuracy curve.
+    assert ([p for p in got["deepcnn_history"]["accuracy"] if p[0] != skip_accuracy_at]
+            == [p for p in want["deepcnn_history"]["accuracy"] if p[0] != skip_accuracy_at])
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+
+
+def interrupt(args, signum, after_line: str, stderr_path):
+    """Run train.py, send signum once it prints a line starting with after_line; (returncode, stderr)."""
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=ROOT, text=True,
+                                   stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in process.stdout:
+            if line.startswith(after_line):
+                process.send_signal(signum)
+                break
+        process.communicate(timeout=300)
+    return process.returncode, stderr_path.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_and_resume_equals_uninterrupted_run(signum, data, reference, tmp_path):
+    reference_dir, reference_lines = reference
+    run_dir = tmp_path / "run"
+    returncode, stderr = interrupt(train_args(data, run_dir), signum, "step 3/", tmp_path / "stderr")
+    assert returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert f"deepcnn: {signal.Signals(signum).name} received; stopping after this step" in stderr
+    stopped = int(re.search(r"deepcnn: stopped at step (\d+); resume with python src/train.py "
+                            rf"ckpt_path={re.escape(str(run_dir / 'checkpoints' / 'last.ckpt'))}", stderr).group(1))
+    assert 3 <= stopped < MAX_STEPS
+    assert not (run_dir / "results.json").exists()
+    saved = checkpoint(run_dir)
+    assert saved["global_step"] == stopped
+    assert [step for step, _ in saved["deepcnn_history"]["loss"]] == list(range(1, stopped + 1))
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(
+        LR * DECAY_RATE ** (stopped // DECAY_STEPS), rel=1e-12)
+
+    resumed = run_cli("train.py", *train_args(data, tmp_path / "resume-log"),
+                      f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The resumed run carries on at the next step with the same losses and learning rates that the
+    # uninterrupted run printed from there on: same step count, LR schedule, data order and distortions.
+    assert progress(resumed.stdout) == [line for line in reference_lines if step_of(line) > stopped]
+    assert_same_run(run_dir, reference_dir, skip_accuracy_at=stopped)
+
+
+def test_same_seed_same_run(data, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", *train_args(data, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert progress(result.stdout) == reference[1]
+    assert_same_run(run_dir, reference[0])
+
+
+def test_checkpoint_round_trip(data, reference):
+    """load_classifier gives back the trained network: its weights, history and test-set results."""
+    reference_dir = reference[0]
+    saved = checkpoint(reference_dir)
+    classifier = load_classifier(reference_dir / "checkpoints" / "last.ckpt")
+    for name, tensor in saved["state_dict"].items():
+        assert torch.equal(classifier.state_dict()[name], tensor), name
+    assert classifier.history == saved["deepcnn_history"]
+
+    datamodule = CifarDataModule(data_dir=str(data), eval_batch_size=16, download=False)
+    datamodule.setup()
+    labels, predictions = [], []
+    with torch.no_grad():
+        for images, batch_labels in datamodule.test_dataloader():
+            predictions.append(classifier(augment.preprocess(images, classifier.hparams.crop_size)).argmax(1))
+            labels.append(batch_labels)
+    labels, predictions = torch.cat(labels), torch.cat(predictions)
+    results = json.loads((reference_dir / "results.json").read_text())
+    assert results["test_accuracy"] == pytest.approx((predictions == labels).float().mean().item(), abs=1e-7)
+    for index, name in enumerate(datamodule.classes):
+        of_class = labels == index
+        assert results["per_class_accuracy"][name] == pytest.approx(
+            (predictions[of_class] == index).float().mean().item(), abs=1e-7), name
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "interrupted"])
+def test_checkpoint_write_cut_off_keeps_previous_checkpoint(fault, tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 10, "weights": torch.arange(1000.0)}, path)
+    before = path.read_bytes()
+
+    def cut_off(obj, out):
+        out.write(before[: len(before) // 2])
+        raise fault
+
+    monkeypatch.setattr(torch, "save", cut_off)
+    with pytest.raises(type(fault)):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 20, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.load(path)["global_step"] == 10
+    assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+def test_divergence_stops_naming_the_step_and_keeps_last_good_checkpoint(data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", *train_args(data, run_dir, "optimizer.lr=1e30", "checkpoint_every_n_steps=1"))
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    found = re.search(r"deepcnn: error: loss became (nan|inf|-inf) at step (\d+); stopped, the last good "
+                      r"checkpoint is kept \(lower optimizer.lr, or resume from that checkpoint\)", result.stderr)
+    assert found, result.stderr[-3000:]
+    diverged = int(found.group(2))
+    lines = progress(result.stdout)
+    assert [step_of(line) for line in lines] == list(range(1, diverged))
+    assert all(math.isfinite(float(line.split("loss ")[1].split()[0])) for line in lines)
+    assert not (run_dir / "results.json").exists()
+    kept = checkpoint(run_dir)
+    assert kept["global_step"] == diverged - 1
+    assert all(math.isfinite(loss) for _, loss in kept["deepcnn_history"]["loss"])
+    classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(tensor).all() for tensor in classifier.state_dict().values())
