@@ -64,6 +64,15 @@ class TrainTimer(pl.Callback):
         self._pause()
 
 
+class StopRequested(Exception):
+    """Raised out of the training loop once a signal's checkpoint is written: no further validation,
+    no test pass, no results that would look final."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step = signum, step
+
+
 class GracefulStop(pl.Callback):
     """On SIGINT or SIGTERM, finish the current step, write the last checkpoint and stop."""
 
@@ -84,13 +93,20 @@ class GracefulStop(pl.Callback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.signal is not None and not trainer.should_stop:
+        if self.signal is not None:
             trainer.save_checkpoint(self.checkpoint_path)
-            trainer.should_stop = True
+            raise StopRequested(self.signal, trainer.global_step)
 
-    def on_train_end(self, trainer, pl_module):
+    def _restore_handlers(self):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer, pl_module):
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore_handlers()
 
 
 class LogLines(pl.Callback):

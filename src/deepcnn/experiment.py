@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from deepcnn import reports
-from deepcnn.callbacks import AtomicCheckpointIO, GracefulStop, LogLines, TrainTimer
+from deepcnn.callbacks import AtomicCheckpointIO, GracefulStop, LogLines, StopRequested, TrainTimer
 from deepcnn.errors import CheckpointError
 from deepcnn.module import Classifier, load_classifier
 from deepcnn.sync_batchnorm import BatchNormSync
@@ -94,12 +94,13 @@ def train(cfg: DictConfig) -> dict:
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
     trainer = build_trainer(cfg.trainer, run_dir, [timer, stop, checkpoints], logger=logger)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if stop.signal is not None:
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except StopRequested as stopped:
         if trainer.is_global_zero:
-            print(f"deepcnn: stopped at step {trainer.global_step}; resume with "
+            print(f"deepcnn: stopped at step {stopped.step}; resume with "
                   f"python src/train.py ckpt_path={stop.checkpoint_path}", file=sys.stderr)
-        sys.exit(128 + stop.signal)
+        sys.exit(128 + stopped.signum)
     last = checkpoint_dir / "last.ckpt"
     trainer.save_checkpoint(last)
     trainer.test(module, datamodule=datamodule, verbose=False)

@@ -8,6 +8,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def channel_band(channels: int, depth_radius: int, like: torch.Tensor) -> torch.Tensor:
+    """The 0/1 matrix that sums each channel's window of 2r+1 neighbours (symmetric)."""
+    index = torch.arange(channels, device=like.device)
+    return ((index[:, None] - index[None, :]).abs() <= depth_radius).to(like.dtype)
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    """y = x * d^-beta, d = bias + alpha * band(x^2), with a hand-written backward:
+    dx = g * d^-beta - 2 * alpha * beta * x * band(g * x * d^-beta / d). It saves half the
+    kernels of autograd's version of the same formula, which matters at a few ms a step."""
+
+    @staticmethod
+    def forward(ctx, x, depth_radius, bias, alpha, beta):
+        band = channel_band(x.shape[1], depth_radius, x)
+        x_last = x.permute(0, 2, 3, 1)  # channels innermost: a plain view in channels_last memory
+        d = torch.matmul(x_last * x_last, band).mul_(alpha).add_(bias)
+        scale = d.pow(-beta)
+        ctx.save_for_backward(x_last, d, scale, band)
+        ctx.alpha_beta = alpha * beta
+        return (x_last * scale).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_last, d, scale, band = ctx.saved_tensors
+        g = grad.permute(0, 2, 3, 1)
+        window = torch.matmul(g * x_last * scale / d, band)
+        dx = g * scale - (2 * ctx.alpha_beta) * x_last * window
+        return dx.permute(0, 3, 1, 2), None, None, None, None
+
+
 def local_response_norm(x: torch.Tensor, depth_radius: int = 5, bias: float = 2.0, alpha: float = 1e-3,
                         beta: float = 0.75) -> torch.Tensor:
     """TensorFlow's LRN: x / (bias + alpha * sum of x^2 over the 2r+1 channels around)^beta.
@@ -16,11 +46,7 @@ def local_response_norm(x: torch.Tensor, depth_radius: int = 5, bias: float = 2.
     the innermost axis in channels_last memory: far faster than torch's pooling-based version, and
     alpha is not divided by the window size as torch.nn.LocalResponseNorm does.
     """
-    channels = x.shape[1]
-    index = torch.arange(channels, device=x.device)
-    band = ((index[:, None] - index[None, :]).abs() <= depth_radius).to(x.dtype)
-    window_sum = torch.matmul(x.square().permute(0, 2, 3, 1), band).permute(0, 3, 1, 2)
-    return x * (bias + alpha * window_sum).pow(-beta)
+    return _LocalResponseNorm.apply(x, depth_radius, bias, alpha, beta)
 
 
 class LocalResponseNorm(nn.Module):
