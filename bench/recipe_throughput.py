@@ -23,8 +23,10 @@ SHARED = ROOT.parent / "shared"
 
 def run_tf(python: str, data: Path, steps: int, out: Path) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run([python, str(SHARED / "anchors" / "recipe_as_written_tf.py"), str(data), str(steps), str(out)],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run([python, str(SHARED / "anchors" / "recipe_as_written_tf.py"), str(data), str(steps),
+                           str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"the TensorFlow recipe failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
