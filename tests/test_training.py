@@ -1,7 +1,13 @@
 """Training end to end through the command line: a short real run, and a sweep."""
 import json
+import sys
+
+import pytest
+from omegaconf import OmegaConf
 
 from conftest import run_cli
+from deepcnn.callbacks import LogLines, StepProgressBar
+from deepcnn.experiment import build_trainer
 
 
 def test_short_real_run_learns(shared_data, tmp_path):
@@ -51,3 +57,17 @@ def test_deep_preset_learns(shared_data, tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["test_accuracy"] >= 0.25
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "deepcnn.models.DeepCNN" in config and "convs_per_block: 2" in config
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_is_a_rich_bar_on_a_terminal_and_plain_lines_elsewhere(terminal, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    trainer_cfg = OmegaConf.create({"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 1,
+                                    "precision": "32", "log_every_n_steps": 7})
+    trainer = build_trainer(trainer_cfg, tmp_path, [], logger=False)
+    kinds = {type(c) for c in trainer.callbacks}
+    assert (StepProgressBar in kinds) is terminal
+    assert (LogLines in kinds) is not terminal
+    assert (trainer.progress_bar_callback is None) is not terminal
+    if not terminal:
+        assert next(c for c in trainer.callbacks if isinstance(c, LogLines)).every == 7

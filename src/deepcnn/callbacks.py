@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -107,6 +108,14 @@ class GracefulStop(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._restore_handlers()
+
+
+class StepProgressBar(RichProgressBar):
+    """The rich progress bar, titled in steps: a run is one endless epoch of its training stream,
+    so Lightning's "Epoch 0/-2" would say nothing."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "Training steps"
 
 
 class LogLines(pl.Callback):

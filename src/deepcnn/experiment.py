@@ -10,11 +10,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from deepcnn import reports
-from deepcnn.callbacks import AtomicCheckpointIO, GracefulStop, LogLines, StopRequested, TrainTimer
+from deepcnn.callbacks import (AtomicCheckpointIO, GracefulStop, LogLines, StepProgressBar, StopRequested,
+                               TrainTimer)
 from deepcnn.errors import CheckpointError
 from deepcnn.module import Classifier, load_classifier
 from deepcnn.sync_batchnorm import BatchNormSync
@@ -41,7 +42,7 @@ def resolve_precision(precision: str | int, accelerator: str) -> str:
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, **overrides) -> pl.Trainer:
     interactive = sys.stdout.isatty()
     if interactive:
-        callbacks = [*callbacks, RichProgressBar()]
+        callbacks = [*callbacks, StepProgressBar()]
     else:
         callbacks = [*callbacks, LogLines(trainer_cfg.get("log_every_n_steps", 50))]
     precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
