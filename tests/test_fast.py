@@ -1,8 +1,10 @@
 """The fast preset's pieces: whitening, test-time augmentation, lookahead averaging."""
 import torch
 
+from conftest import run_cli
 from deepcnn.augment import tta_views
 from deepcnn.averaging import Lookahead
+from deepcnn.datamodule import CifarDataModule
 from deepcnn.models import FastCNN, whitening_filters
 
 
@@ -59,3 +61,20 @@ def test_lookahead_arithmetic():
     torch.testing.assert_close(net.weight, torch.full((1, 2), 2.5))
     torch.testing.assert_close(lookahead.average["weight"], torch.full((1, 2), 2.5))
     assert lookahead.decay(50, 100) == 0.25 and lookahead.decay(0, 100) == 0.0
+
+
+def test_fast_network_trains_with_whitening_from_data_tta_and_lookahead(tiny_data, tmp_path):
+    run_dir = tmp_path / "fast"
+    result = run_cli("train.py", "model=fast", "model.widths=[8,16,16]", "data.crop_size=32", "data.pad=2",
+                     "data.max_brightness=0", "data.contrast=null", "tta=2", "optimizer.label_smoothing=0.2",
+                     "lookahead={every: 2, max_decay: 0.774, power: 3}", f"data.data_dir={tiny_data}",
+                     "data.batch_size=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                     "trainer.precision=32", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["hyper_parameters"]["tta"] == 2
+    assert "Lookahead" in saved["callbacks"]
+    datamodule = CifarDataModule(data_dir=str(tiny_data), crop_size=32, download=False)
+    datamodule.setup()
+    expected = whitening_filters(datamodule.whitening_sample())
+    torch.testing.assert_close(saved["state_dict"]["model.whiten.weight"], expected)

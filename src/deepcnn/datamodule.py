@@ -145,6 +145,11 @@ class CifarDataModule(pl.LightningDataModule):
         self.setup()
         return self.dataset.classes
 
+    def whitening_sample(self, count: int = 5000) -> torch.Tensor:
+        """The first `count` training images as the network sees them at test time, to fit whitening to."""
+        images, _ = self.dataset.train.batch(np.arange(min(count, len(self.dataset.train))))
+        return augment.preprocess(torch.from_numpy(images), self.crop_size)
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

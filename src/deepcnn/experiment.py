@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from deepcnn import reports
+from deepcnn.averaging import Lookahead
 from deepcnn.callbacks import (AtomicCheckpointIO, GracefulStop, LogLines, StepProgressBar, StopRequested,
                                TrainTimer)
 from deepcnn.errors import CheckpointError
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> dict:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         classes=datamodule.classes,
         crop_size=cfg.data.crop_size,
+        tta=cfg.tta,
     )
     if resumed is not None:
         check_resumable(cfg.ckpt_path, resumed, module)
@@ -94,7 +96,8 @@ def train(cfg: DictConfig) -> dict:
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
                                   every_n_train_steps=cfg.checkpoint_every_n_steps)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-    trainer = build_trainer(cfg.trainer, run_dir, [timer, stop, checkpoints], logger=logger)
+    averaging = [Lookahead(**cfg.lookahead)] if cfg.lookahead else []
+    trainer = build_trainer(cfg.trainer, run_dir, [timer, stop, checkpoints, *averaging], logger=logger)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except StopRequested as stopped:

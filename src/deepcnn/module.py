@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from deepcnn import augment
 from deepcnn.errors import CheckpointError, DivergenceError
 
 
@@ -19,7 +20,7 @@ def decayed_lr(step: int, lr: float, decay_rate: float, decay_steps: int, stairc
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, model: dict, optimizer: dict, classes: list[str], crop_size: int):
+    def __init__(self, model: dict, optimizer: dict, classes: list[str], crop_size: int, tta: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.model = hydra.utils.instantiate(model, num_classes=len(classes))
@@ -36,9 +37,19 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
+        """Test-time logits: the weighted mean over the views of test-time augmentation (level `tta`)."""
+        return sum(weight * self(view) for weight, view in augment.tta_views(images, self.hparams.tta))
+
+    def setup(self, stage: str) -> None:
+        # Before Lightning restores a checkpoint, so a resumed run keeps its saved whitening weights.
+        if stage == "fit" and hasattr(self.model, "init_whitening"):
+            self.model.init_whitening(self.trainer.datamodule.whitening_sample())
+
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
+        smoothing = self.hparams.optimizer.get("label_smoothing", 0.0)
+        loss = F.cross_entropy(self(images), labels, label_smoothing=smoothing)
         if not torch.isfinite(loss):
             # Step numbers count optimizer steps taken, as the progress lines and loss history do.
             raise DivergenceError(
@@ -53,7 +64,7 @@ class Classifier(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
-        logits = self(images)
+        logits = self.evaluate(images)
         self.val_accuracy.update(logits, labels)
         self.val_per_class.update(logits, labels)
 
@@ -70,7 +81,7 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         images, labels = batch
-        logits = self(images)
+        logits = self.evaluate(images)
         for metric in (self.test_accuracy, self.test_per_class, self.test_confusion):
             metric.update(logits, labels)
 
@@ -115,7 +126,8 @@ def load_classifier(path: str | Path, map_location="cpu") -> Classifier:
     if not hparams or not {"model", "optimizer", "classes", "crop_size"} <= set(hparams):
         raise CheckpointError(f"{path}: not a deepcnn checkpoint (no deepcnn model settings in it)")
     try:
-        classifier = Classifier(**{k: hparams[k] for k in ("model", "optimizer", "classes", "crop_size")})
+        classifier = Classifier(**{k: hparams[k] for k in ("model", "optimizer", "classes", "crop_size")},
+                                tta=hparams.get("tta", 0))
         classifier.load_state_dict(checkpoint["state_dict"])
     except Exception as err:
         raise CheckpointError(f"{path}: its weights do not fit the model it names ({err})") from None
