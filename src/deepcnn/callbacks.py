@@ -12,24 +12,18 @@ from pytorch_lightning.callbacks import RichProgressBar
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from deepcnn.files import replaced_on_success
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file, syncs it, then renames it over the old one,
     so a write cut off midway leaves the previous checkpoint whole."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as out:
-                torch.save(checkpoint, out)
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        partial.replace(path)
+        with replaced_on_success(path) as partial, open(partial, "wb") as out:
+            torch.save(checkpoint, out)
+            out.flush()
+            os.fsync(out.fileno())
 
 
 class TrainTimer(pl.Callback):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import onnx
@@ -10,22 +9,24 @@ import torch
 from torch import nn
 
 from deepcnn import augment
-from deepcnn.module import load_classifier
+from deepcnn.files import replaced_on_success
+from deepcnn.module import Classifier, load_classifier
 from deepcnn.records import CHANNELS, HEIGHT, WIDTH
 
 INPUT, OUTPUT = "images", "logits"
 
 
 class Deployed(nn.Module):
-    """A network with its test-time preprocessing in front: float (N, 3, 32, 32) RGB values in 0-255
-    are centre-cropped and standardized exactly as in evaluation, then classified."""
+    """A classifier with its test-time preprocessing in front: float (N, 3, 32, 32) RGB values in 0-255
+    are centre-cropped, standardized and classified exactly as in evaluation (test-time augmentation
+    included)."""
 
-    def __init__(self, model: nn.Module, crop_size: int):
+    def __init__(self, classifier: Classifier):
         super().__init__()
-        self.model, self.crop_size = model, crop_size
+        self.classifier = classifier
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(augment.preprocess(images, self.crop_size))
+        return self.classifier.evaluate(augment.preprocess(images, self.classifier.hparams.crop_size))
 
 
 def export_onnx(ckpt_path: str | Path, output: str | Path) -> Path:
@@ -34,12 +35,9 @@ def export_onnx(ckpt_path: str | Path, output: str | Path) -> Path:
     The class names, in label order, are stored in the model's metadata under "classes".
     """
     module = load_classifier(ckpt_path)
-    deployed = Deployed(module.model, module.hparams.crop_size).eval()
+    deployed = Deployed(module).eval()
     example = torch.zeros(2, CHANNELS, HEIGHT, WIDTH)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
-    try:
+    with replaced_on_success(output) as partial:
         # The TorchScript-based exporter: it needs nothing beyond the onnx package.
         torch.onnx.export(deployed, (example,), partial, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
@@ -48,7 +46,4 @@ def export_onnx(ckpt_path: str | Path, output: str | Path) -> Path:
                                             "input": "float32 RGB values 0-255, N x 3 x 32 x 32"})
         onnx.checker.check_model(model)
         onnx.save(model, partial)
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
-    return output
+    return Path(output)

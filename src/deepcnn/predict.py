@@ -32,7 +32,7 @@ def input_files(path: Path) -> list[Path]:
 def classify(module: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The top class of each uint8 (n, 3, 32, 32) image and its softmax probability."""
     x = augment.preprocess(torch.from_numpy(images), module.hparams.crop_size)
-    probabilities = torch.softmax(module(x.contiguous(memory_format=torch.channels_last)), dim=1)
+    probabilities = torch.softmax(module.evaluate(x.contiguous(memory_format=torch.channels_last)), dim=1)
     top = probabilities.max(dim=1)
     return top.indices.numpy(), top.values.numpy()
 

@@ -2,21 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from PIL import Image
 
+from deepcnn.files import replaced_on_success
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    with replaced_on_success(path) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]], run_dir: Path) -> list[Path]:
