@@ -17,8 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from runs import DATA, ROOT, SHARED, train
 
 
 def run_tf(python: str, data: Path, steps: int, out: Path) -> dict:
@@ -30,18 +29,11 @@ def run_tf(python: str, data: Path, steps: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_deepcnn(data: Path, steps: int, run_dir: Path, overrides: list[str]) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), f"data.data_dir={data}",
-                    f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}", *overrides],
-                   check=True, stdout=subprocess.DEVNULL)
-    return json.loads((run_dir / "results.json").read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DEEPCNN_DATA", SHARED / "cifar10")))
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--tf-python", default=str(ROOT / ".venv-tf" / "bin" / "python"))
     parser.add_argument("overrides", nargs="*", help="extra deepcnn overrides, e.g. trainer.precision=32")
     args = parser.parse_args()
@@ -49,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             tf = run_tf(args.tf_python, args.data, args.steps, Path(tmp) / f"tf{r}.json")
-            ours = run_deepcnn(args.data, args.steps, Path(tmp) / f"run{r}", args.overrides)
+            ours, _ = train(Path(tmp) / f"run{r}", [f"trainer.max_steps={args.steps}", *args.overrides], args.data)
             tf_rates.append(tf["images_per_second"])
             ours_rates.append(ours["images_per_second"])
             print(f"round {r + 1}: recipe as written {tf['images_per_second']:8.1f} img/s "

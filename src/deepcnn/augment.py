@@ -58,10 +58,12 @@ def distort(
     flip_prob: float = 0.5,
     max_brightness: float = 63.0,
     contrast: tuple[float, float] = (0.2, 1.8),
+    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The recipe's training distortions on a uint8 batch, returning standardized float32.
 
     pad > 0 reflects the borders out first, so that a random crop can also translate the image.
+    `mirror`, when given, says which images to flip instead of a coin with flip_prob.
     """
     x = images.float()
     n = x.shape[0]
@@ -73,7 +75,9 @@ def distort(
         x = crop(x, top, left, crop_size)
     else:
         x = centre_crop(x, crop_size)
-    x = flip(x, torch.rand(n, generator=generator, device=generator.device) < flip_prob)
+    if mirror is None:
+        mirror = torch.rand(n, generator=generator, device=generator.device) < flip_prob
+    x = flip(x, mirror)
     if max_brightness:
         x = adjust_brightness(x, uniform(n, -max_brightness, max_brightness, generator))
     if contrast:

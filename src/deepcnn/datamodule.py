@@ -26,23 +26,30 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 class TrainStream:
-    """Training batches for steps start, start+1, ... forever: (images uint8, labels, step).
+    """Training batches for steps start, start+1, ... forever: (images uint8, labels, step, mirror).
 
     Step s takes batch s of its epoch's seeded permutation of every record; with several
     processes each takes its own slice of that batch position. A background thread reads
-    ahead so that disk reads overlap the training step.
+    ahead so that disk reads overlap the training step. `mirror` is None, leaving flips to chance,
+    unless alternate_flips: then each record is mirrored by a seeded coin in epoch 0 and in
+    every other epoch after, so that over any two epochs the network sees both of its sides.
     """
 
     def __init__(self, records: RecordSet, batch_size: int, seed: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1, prefetch: int = 4):
+                 rank: int = 0, world_size: int = 1, prefetch: int = 4, alternate_flips: bool = False):
         self.records, self.batch_size, self.seed = records, batch_size, seed
         self.start_step, self.rank, self.world_size, self.prefetch = start_step, rank, world_size, prefetch
+        self.coins = np.random.default_rng([seed, len(records)]).random(len(records)) < 0.5 if alternate_flips \
+            else None
         self.steps_per_epoch = len(records) // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"{len(records)} training records cannot fill one step of {batch_size} x {world_size} process(es)"
             )
         self._perm_epoch, self._perm = -1, None
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
 
     def indices(self, step: int) -> np.ndarray:
         epoch, position = divmod(step, self.steps_per_epoch)
@@ -52,8 +59,12 @@ class TrainStream:
         return self._perm[start : start + self.batch_size]
 
     def batch(self, step: int):
-        images, labels = self.records.batch(self.indices(step))
-        return torch.from_numpy(images), torch.from_numpy(labels), torch.tensor(step)
+        indices = self.indices(step)
+        images, labels = self.records.batch(indices)
+        mirror = None
+        if self.coins is not None:
+            mirror = torch.from_numpy(self.coins[indices] ^ bool(self.epoch(step) % 2))
+        return torch.from_numpy(images), torch.from_numpy(labels), torch.tensor(step), mirror
 
     def __iter__(self):
         ahead: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -109,14 +120,15 @@ class CifarDataModule(pl.LightningDataModule):
     def __init__(self, data_dir: str, batch_size: int = 128, eval_batch_size: int = 1000, crop_size: int = 24,
                  random_crop: bool = True, pad: int = 0, flip_prob: float = 0.5, max_brightness: float = 63.0,
                  contrast: tuple[float, float] | None = (0.2, 1.8), label: str = "fine", download: bool = True,
-                 url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4):
+                 url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4, alternate_flips: bool = False,
+                 in_memory: bool = False):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size, self.crop_size = batch_size, eval_batch_size, crop_size
         self.distortions = dict(random_crop=random_crop, pad=pad, flip_prob=flip_prob, max_brightness=max_brightness,
                                 contrast=tuple(contrast) if contrast else None)
         self.label, self.download, self.url, self.md5 = label, download, url, md5
-        self.seed, self.prefetch = seed, prefetch
+        self.seed, self.prefetch, self.alternate_flips, self.in_memory = seed, prefetch, alternate_flips, in_memory
         self.dataset: Dataset | None = None
 
     def prepare_data(self) -> None:
@@ -139,6 +151,8 @@ class CifarDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = open_dataset(self.data_dir, self.label)
+            if self.in_memory:
+                self.dataset.train, self.dataset.test = self.dataset.train.loaded(), self.dataset.test.loaded()
 
     @property
     def classes(self) -> list[str]:
@@ -157,7 +171,8 @@ class CifarDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank_world()
         start = self.trainer.global_step if self.trainer is not None else 0
-        return TrainStream(self.dataset.train, self.batch_size, self.seed, start, rank, world, self.prefetch)
+        return TrainStream(self.dataset.train, self.batch_size, self.seed, start, rank, world, self.prefetch,
+                           self.alternate_flips)
 
     def val_dataloader(self):
         return EvalStream(self.dataset.test, self.eval_batch_size, *self._rank_world())
@@ -165,11 +180,11 @@ class CifarDataModule(pl.LightningDataModule):
     test_dataloader = val_dataloader
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if len(batch) == 3:
-            images, labels, step = batch
+        if len(batch) == 4:
+            images, labels, step, mirror = batch
             seed = step_seed(self.seed, int(step), self._rank_world()[0])
             generator = torch.Generator(device=images.device).manual_seed(seed)
-            x = augment.distort(images, generator, self.crop_size, **self.distortions)
+            x = augment.distort(images, generator, self.crop_size, mirror=mirror, **self.distortions)
         else:
             images, labels = batch
             x = augment.preprocess(images, self.crop_size)

@@ -19,6 +19,28 @@ def decayed_lr(step: int, lr: float, decay_rate: float, decay_steps: int, stairc
     return lr * decay_rate**exponent
 
 
+def triangle_lr(step: int, lr: float, total_steps: int, start: float, peak: float, end: float) -> float:
+    """lr times a piecewise-linear factor: `start` at step 0, 1 at step peak * total_steps, `end` at the last."""
+    top = max(1, round(peak * total_steps))
+    if step <= top:
+        return lr * (start + (1 - start) * step / top)
+    return lr * (1 + (end - 1) * min(1.0, (step - top) / max(1, total_steps - top)))
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, bias_lr_scale: float) -> list[dict]:
+    """Trainable parameters in two groups: BatchNorm biases learn `bias_lr_scale` times faster with the
+    same decay per step (their weight decay divided by the scale); the rest keep lr. Frozen ones are left out."""
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   and m.bias is not None}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in norm_biases], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in trainable if id(p) in norm_biases], "lr": lr * bias_lr_scale,
+         "weight_decay": weight_decay / bias_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 class Classifier(pl.LightningModule):
     def __init__(self, model: dict, optimizer: dict, classes: list[str], crop_size: int, tta: int = 0):
         super().__init__()
@@ -99,11 +121,14 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.hparams.optimizer
-        optimizer = torch.optim.SGD(self.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                    nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: decayed_lr(step, 1.0, cfg["decay_rate"], cfg["decay_steps"], cfg["staircase"])
-        )
+        groups = parameter_groups(self.model, cfg["lr"], cfg["weight_decay"], cfg.get("bias_lr_scale", 1.0))
+        optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+        if cfg.get("schedule", "exponential") == "triangle":
+            total = self.trainer.max_steps
+            factor = lambda step: triangle_lr(step, 1.0, total, cfg["warmup_start"], cfg["peak"], cfg["final"])
+        else:
+            factor = lambda step: decayed_lr(step, 1.0, cfg["decay_rate"], cfg["decay_steps"], cfg["staircase"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):

@@ -146,7 +146,7 @@ class RecordFile:
 
 
 class RecordSet:
-    """Several record files seen as one indexable dataset."""
+    """Several record files seen as one indexable dataset, read from disk on demand."""
 
     def __init__(self, files: list[RecordFile]):
         self.files = files
@@ -167,6 +167,24 @@ class RecordSet:
 
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.pixels(indices), self.labels[indices]
+
+    def loaded(self) -> "LoadedRecordSet":
+        return LoadedRecordSet(self)
+
+
+class LoadedRecordSet(RecordSet):
+    """A record set read whole into memory once (uint8, 3 KiB an image): batches gather by indexing."""
+
+    def __init__(self, records: RecordSet):
+        super().__init__(records.files)
+        self.images = np.concatenate([
+            f.read_bytes(0, f.count).reshape(f.count, f.record_size)[:, f.label_bytes:].reshape(-1, CHANNELS,
+                                                                                               HEIGHT, WIDTH)
+            for f in self.files
+        ])
+
+    def pixels(self, indices: np.ndarray) -> np.ndarray:
+        return self.images[np.asarray(indices, dtype=np.int64)]
 
 
 @dataclass

@@ -30,7 +30,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], run_dir: Path) -> l
         fig, ax = plt.subplots(figsize=(6, 4))
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, "k-" if key == "loss" else "r-")
+            ax.plot(steps, values, "k-" if key == "loss" else "r.-")
         ax.set(title=title, xlabel="Generation", ylabel=ylabel)
         fig.tight_layout()
         fig.savefig(run_dir / filename, dpi=100)

@@ -1,0 +1,63 @@
+"""Time to accuracy of the fast preset: whole-test-set accuracy and wall time from the command to the
+final accuracy (start-up, data loading and test-time augmentation included), one fresh process a seed.
+
+    .venv/bin/python bench/time_to_accuracy.py --seeds 0 1 2
+    .venv/bin/python bench/time_to_accuracy.py --seeds 0 -- trainer.max_steps=150 tta=1
+    .venv/bin/python bench/time_to_accuracy.py --precision-steps 30
+
+--precision-steps N instead times N training steps in bf16 mixed precision and in float32, alternating,
+twice each, and prints the training loop's images/s for both.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from runs import DATA, train
+
+
+def time_to_accuracy(seeds: list[int], overrides: list[str], data: Path, tmp: Path) -> None:
+    print("| seed | test accuracy | wall s | train s | train images/s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    accuracies, walls = [], []
+    for seed in seeds:
+        result, wall = train(tmp / f"seed{seed}", ["experiment=fast", f"seed={seed}", *overrides], data)
+        accuracies.append(result["test_accuracy"])
+        walls.append(wall)
+        print(f"| {seed} | {100 * result['test_accuracy']:.2f}% | {wall:.0f} | {result['train_seconds']:.0f} | "
+              f"{result['images_per_second']:,.0f} |", flush=True)
+    print(f"mean over {len(seeds)} seed(s): {100 * statistics.mean(accuracies):.2f}% in {statistics.mean(walls):.0f} s "
+          f"(slowest {max(walls):.0f} s)")
+
+
+def precision_throughput(steps: int, overrides: list[str], data: Path, tmp: Path) -> None:
+    rates: dict[str, list[float]] = {"bf16-mixed": [], "32-true": []}
+    for round_ in range(2):
+        for precision, seen in rates.items():
+            result, _ = train(tmp / f"{precision}{round_}", ["experiment=fast", f"trainer.precision={precision}",
+                                                             f"trainer.max_steps={steps}", "tta=0", *overrides], data)
+            seen.append(result["images_per_second"])
+    for precision, seen in rates.items():
+        print(f"{precision}: {' / '.join(f'{r:,.0f}' for r in seen)} training images/s")
+    ratio = statistics.mean(rates["bf16-mixed"]) / statistics.mean(rates["32-true"])
+    print(f"bf16 mixed precision is {ratio:.2f}x float32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precision-steps", type=int, help="time this many steps in bf16 and float32 instead")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("overrides", nargs="*", help="extra overrides for experiment=fast")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.precision_steps:
+            precision_throughput(args.precision_steps, args.overrides, args.data, Path(tmp))
+        else:
+            time_to_accuracy(args.seeds, args.overrides, args.data, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
