@@ -32,19 +32,36 @@ def test_standardize_of_flat_image_uses_minimum_std():
     np.testing.assert_allclose(augment.standardize(torch.from_numpy(flat)).numpy(), expected, rtol=1e-5)
 
 
-def test_brightness_adds_delta(images):
-    delta = np.array([-63, -1.5, 0, 2, 40, 63], dtype=np.float32)
-    got = augment.adjust_brightness(torch.from_numpy(images), torch.from_numpy(delta)).numpy()
-    np.testing.assert_allclose(got, images + delta[:, None, None, None])
+def np_brightness(x, delta):
+    return x + delta[:, None, None, None]
 
 
-def test_contrast_scales_about_each_channel_mean(images):
-    factor = np.array([0.2, 0.5, 1.0, 1.3, 1.8, 0.9], dtype=np.float32)
-    # tf.image.adjust_contrast: (x - mean) * factor + mean, mean over each channel of each image
-    mean = images.mean(axis=(2, 3), keepdims=True)
-    expected = (images - mean) * factor[:, None, None, None] + mean
-    got = augment.adjust_contrast(torch.from_numpy(images), torch.from_numpy(factor)).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+def np_contrast(x, factor):
+    mean = x.mean(axis=(2, 3), keepdims=True)
+    return (x - mean) * factor[:, None, None, None] + mean
+
+
+@pytest.mark.parametrize("brightness, contrast", [(True, False), (False, True), (True, True)])
+def test_brightness_and_contrast_then_standardize_match_formulas(images, brightness, contrast):
+    rng = np.random.default_rng(1)
+    delta = rng.uniform(-63, 63, len(images)).astype(np.float32) if brightness else np.zeros(len(images), np.float32)
+    factor = rng.uniform(0.2, 1.8, len(images)).astype(np.float32) if contrast else np.ones(len(images), np.float32)
+    got = augment.standardized_brightness_contrast(torch.from_numpy(images), torch.from_numpy(delta),
+                                                   torch.from_numpy(factor))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    expected = np_standardize(np_contrast(np_brightness(images, delta), factor))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flat_image_keeps_minimum_std_after_brightness_and_contrast():
+    flat = np.full((1, 3, 4, 4), 7.0, dtype=np.float32)
+    got = augment.standardized_brightness_contrast(torch.from_numpy(flat), torch.tensor([5.0]), torch.tensor([1.5]))
+    np.testing.assert_allclose(got.numpy(), np.zeros_like(flat), atol=1e-4)  # not NaN: std floored at 1/sqrt(N)
+    # channels apart by their means only: their spread is all the variance there is
+    steps = np.stack([np.full((4, 4), v, np.float32) for v in (0.0, 10.0, 20.0)])[None]
+    got = augment.standardized_brightness_contrast(torch.from_numpy(steps), torch.tensor([3.0]), torch.tensor([0.5]))
+    np.testing.assert_allclose(got.numpy(), np_standardize(np_contrast(np_brightness(steps, np.array([3.0])),
+                                                                        np.array([0.5]))), atol=1e-5)
 
 
 def test_crop_takes_window_at_offsets(images):
@@ -81,10 +98,8 @@ def test_distort_pipeline_matches_formula_with_same_draws(images):
     factor = (torch.rand(n, generator=g) * 1.6 + 0.2).numpy()
     x = images.astype(np.uint8).astype(np.float32)
     x = np.stack([img[:, t : t + 24, l : l + 24] for img, t, l in zip(x, top, left)])
-    x = np.where(flips[:, None, None, None], x[..., ::-1], x) + delta[:, None, None, None]
-    mean = x.mean(axis=(2, 3), keepdims=True)
-    x = (x - mean) * factor[:, None, None, None] + mean
-    np.testing.assert_allclose(got, np_standardize(x), rtol=1e-4, atol=1e-4)
+    x = np.where(flips[:, None, None, None], x[..., ::-1], x)
+    np.testing.assert_allclose(got, np_standardize(np_contrast(np_brightness(x, delta), factor)), rtol=1e-4, atol=1e-4)
 
 
 def test_distort_output_is_standardized_and_varies_with_seed():

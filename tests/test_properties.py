@@ -173,8 +173,8 @@ def test_distort_without_random_parts_is_preprocess(seed, n, crop_size, flip):
     out = augment.distort(images, torch.Generator().manual_seed(seed), crop_size, random_crop=False,
                           flip_prob=float(flip), max_brightness=0, contrast=None)
     expected = augment.preprocess(images, crop_size)
-    # equal up to the order of the per-image sums, which a mirrored image changes
-    torch.testing.assert_close(out, expected.flip(-1) if flip else expected, rtol=1e-6, atol=1e-6)
+    # equal up to rounding: distort standardizes from each channel's statistics, preprocess from the image's
+    torch.testing.assert_close(out, expected.flip(-1) if flip else expected, rtol=1e-5, atol=1e-5)
 
 
 @examples
