@@ -48,7 +48,6 @@ def standardized_brightness_contrast(images: torch.Tensor, delta: torch.Tensor, 
     standardization needs follow from each channel's own, and the result is one multiply-add
     (written channels_last, the layout the networks run in).
     """
-    n, channels = images.shape[:2]
     variance, mean = torch.var_mean(images.flatten(2), dim=2, correction=0)
     factor, delta = factor[:, None], delta[:, None]
     shift = mean * (1 - factor) + delta  # (x + delta - (m + delta)) * factor + m + delta = x * factor + shift

@@ -48,9 +48,6 @@ class TrainStream:
             )
         self._perm_epoch, self._perm = -1, None
 
-    def epoch(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def indices(self, step: int) -> np.ndarray:
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
@@ -63,7 +60,7 @@ class TrainStream:
         images, labels = self.records.batch(indices)
         mirror = None
         if self.coins is not None:
-            mirror = torch.from_numpy(self.coins[indices] ^ bool(self.epoch(step) % 2))
+            mirror = torch.from_numpy(self.coins[indices] ^ bool(step // self.steps_per_epoch % 2))
         return torch.from_numpy(images), torch.from_numpy(labels), torch.tensor(step), mirror
 
     def __iter__(self):

@@ -122,9 +122,9 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.hparams.optimizer
-        groups = parameter_groups(self.model, cfg["lr"], cfg["weight_decay"], cfg.get("bias_lr_scale", 1.0))
+        groups = parameter_groups(self.model, cfg["lr"], cfg["weight_decay"], cfg["bias_lr_scale"])
         optimizer = torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
-        if cfg.get("schedule", "exponential") == "triangle":
+        if cfg["schedule"] == "triangle":
             total = self.trainer.max_steps
             factor = lambda step: triangle_lr(step, 1.0, total, cfg["warmup_start"], cfg["peak"], cfg["final"])
         else:
