@@ -118,6 +118,20 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted_run(signum, data, re
     assert_same_run(run_dir, reference_dir, skip_accuracy_at=stopped)
 
 
+@pytest.mark.parametrize("setting, saved, now", [("data.batch_size", 16, 8), ("seed", 7, 8)])
+def test_resume_refuses_another_data_order(setting, saved, now, data, reference, tmp_path):
+    copy = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((reference[0] / "checkpoints" / "last.ckpt").read_bytes())
+    result = run_cli("train.py", *train_args(data, tmp_path / "log"), f"{setting}={now}", f"ckpt_path={copy}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    key = setting.split(".")[-1]
+    assert (f"{copy}: was trained with {key} {saved} (this run: {now}); resume with the settings it was "
+            "trained with, or start a new run") in result.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_same_seed_same_run(data, reference, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("train.py", *train_args(data, run_dir))

@@ -11,7 +11,7 @@ import torch
 
 from deepcnn import augment
 from deepcnn.download import download_dataset
-from deepcnn.errors import DataError, DownloadError
+from deepcnn.errors import CheckpointError, DataError, DownloadError
 from deepcnn.records import CIFAR10, Dataset, RecordSet, find_records_dir, open_dataset
 
 
@@ -164,6 +164,20 @@ class CifarDataModule(pl.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def state_dict(self) -> dict:
+        """What decides which records and distortions each step gets; saved in every checkpoint."""
+        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self._rank_world()[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Step s of a resumed run reads batch s of the order these settings give: with other values it
+        # would silently repeat some records and skip others.
+        current = self.state_dict()
+        changed = [f"{key} {state[key]} (this run: {current[key]})" for key in current if state.get(key, current[key])
+                   != current[key]]
+        if changed:
+            raise CheckpointError(f"{self.trainer.ckpt_path}: was trained with {', '.join(changed)}; resume with the "
+                                  f"settings it was trained with, or start a new run")
 
     def train_dataloader(self):
         rank, world = self._rank_world()
