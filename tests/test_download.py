@@ -4,6 +4,7 @@ import hashlib
 import io
 import tarfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,6 +19,7 @@ class Handler(BaseHTTPRequestHandler):
     """Serves server.files: path -> (body, bytes actually sent before the connection is closed)."""
 
     def do_GET(self):
+        self.server.requests.append(self.path)
         if self.path not in self.server.files:
             self.send_error(404)
             return
@@ -35,7 +37,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files = {}
+    httpd.files, httpd.requests = {}, []
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -69,7 +71,9 @@ def datamodule(data_dir, url, checksum) -> CifarDataModule:
 
 
 def assert_nothing_left(data_dir):
-    assert sorted(p.name for p in data_dir.iterdir()) == []
+    """Nothing but the (empty) lock file that serialises downloads."""
+    assert sorted(p.name for p in data_dir.iterdir()) == [".download.lock"]
+    assert (data_dir / ".download.lock").stat().st_size == 0
 
 
 def assert_retry_succeeds(server, data_dir, body):
@@ -79,11 +83,24 @@ def assert_retry_succeeds(server, data_dir, body):
     module.setup()
     assert module.classes == ["cat", "dog", "ship"]
     assert (len(module.dataset.train), len(module.dataset.test)) == (128, 8)
-    assert sorted(p.name for p in data_dir.iterdir()) == [CIFAR10.folder]
+    assert sorted(p.name for p in data_dir.iterdir()) == [".download.lock", CIFAR10.folder]
 
 
 def test_download_extracts_and_opens(server, tmp_path):
     assert_retry_succeeds(server, tmp_path / "data", archive(tmp_path))
+
+
+def test_processes_starting_together_download_once(server, tmp_path):
+    body = archive(tmp_path)
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    data_dir = tmp_path / "data"
+    modules = [datamodule(data_dir, url, md5(body)) for _ in range(4)]
+    with ThreadPoolExecutor(len(modules)) as pool:
+        list(pool.map(CifarDataModule.prepare_data, modules))
+    assert server.requests == ["/cifar-10-binary.tar.gz"]
+    for module in modules:
+        module.setup()
+        assert len(module.dataset.test) == 8
 
 
 def test_connection_cut_halfway(server, tmp_path):

@@ -1,6 +1,7 @@
 """Fetching the official CIFAR-10 archive: verified, extracted safely, moved into place whole."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import sys
@@ -78,12 +79,21 @@ def extract(archive: Path, member: str, dest: Path) -> Path:
 
 
 def download_dataset(url: str, md5: str, dest: Path, member: str) -> Path:
-    """Fetch, verify and extract into dest; the archive is removed once extracted."""
+    """Fetch, verify and extract into dest; the archive is removed once extracted.
+
+    Processes that start together (torchrun's, a sweep's) take turns on a lock file: the first downloads,
+    the others find its folder in place, instead of writing the same files at once.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / Path(url).name
-    print(f"deepcnn: downloading {url} to {dest}", file=sys.stderr)
-    fetch(url, archive, md5)
-    try:
-        return extract(archive, member, dest)
-    finally:
-        archive.unlink(missing_ok=True)
+    with open(dest / ".download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        final = dest / member
+        if final.is_dir():
+            return final
+        archive = dest / Path(url).name
+        print(f"deepcnn: downloading {url} to {dest}", file=sys.stderr)
+        fetch(url, archive, md5)
+        try:
+            return extract(archive, member, dest)
+        finally:
+            archive.unlink(missing_ok=True)
