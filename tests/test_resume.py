@@ -127,8 +127,8 @@ def test_resume_refuses_another_data_order(setting, saved, now, data, reference,
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     key = setting.split(".")[-1]
-    assert (f"{copy}: was trained with {key} {saved} (this run: {now}); resume with the settings it was "
-            "trained with, or start a new run") in result.stderr
+    assert (f"deepcnn: error: {copy}: was trained with {key} {saved}, but this run has {now}; resume with the "
+            "settings it was trained with") in result.stderr
     assert not (tmp_path / "run" / "results.json").exists()
 
 

@@ -11,7 +11,7 @@ import torch
 
 from deepcnn import augment
 from deepcnn.download import download_dataset
-from deepcnn.errors import CheckpointError, DataError, DownloadError
+from deepcnn.errors import DataError, DownloadError, refuse_changed_settings
 from deepcnn.records import CIFAR10, Dataset, RecordSet, find_records_dir, open_dataset
 
 
@@ -172,12 +172,7 @@ class CifarDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         # Step s of a resumed run reads batch s of the order these settings give: with other values it
         # would silently repeat some records and skip others.
-        current = self.state_dict()
-        changed = [f"{key} {state[key]} (this run: {current[key]})" for key in current if state.get(key, current[key])
-                   != current[key]]
-        if changed:
-            raise CheckpointError(f"{self.trainer.ckpt_path}: was trained with {', '.join(changed)}; resume with the "
-                                  f"settings it was trained with, or start a new run")
+        refuse_changed_settings(self.trainer.ckpt_path, state, self.state_dict())
 
     def train_dataloader(self):
         rank, world = self._rank_world()

@@ -33,6 +33,15 @@ class DivergenceError(UserError):
     exit_code = 3
 
 
+def refuse_changed_settings(path, saved: dict, current: dict) -> None:
+    """A resumed run keeps the settings its checkpoint was trained with: name the first one that differs.
+    Keys the checkpoint does not hold (written by an older version) are not compared."""
+    for key, now in current.items():
+        if key in saved and saved[key] != now:
+            raise CheckpointError(f"{path}: was trained with {key} {saved[key]}, but this run has {now}; "
+                                  "resume with the settings it was trained with")
+
+
 def report(err: UserError) -> None:
     print(f"deepcnn: error: {err}", file=sys.stderr)
 

@@ -18,7 +18,7 @@ from deepcnn.allocator import keep_freed_memory
 from deepcnn.averaging import Lookahead
 from deepcnn.callbacks import (AtomicCheckpointIO, GracefulStop, LogLines, StepProgressBar, StopRequested,
                                TrainTimer)
-from deepcnn.errors import CheckpointError
+from deepcnn.errors import CheckpointError, refuse_changed_settings
 from deepcnn.module import Classifier, load_classifier
 from deepcnn.sync_batchnorm import BatchNormSync
 
@@ -67,12 +67,9 @@ def run_directory(ckpt_path: str | None) -> Path:
 def check_resumable(ckpt_path: str, resumed: Classifier, module: Classifier) -> None:
     """Resuming loads the checkpoint's weights into the configured network, so both must be the same
     network on the same classes; otherwise Lightning fails deep inside with a traceback."""
-    for key in ("model", "classes", "crop_size"):
-        if resumed.hparams[key] != module.hparams[key]:
-            raise CheckpointError(
-                f"{ckpt_path}: was trained with {key} {resumed.hparams[key]}, but this run has "
-                f"{module.hparams[key]}; resume with the settings it was trained with"
-            )
+    keys = ("model", "classes", "crop_size")
+    refuse_changed_settings(ckpt_path, {key: resumed.hparams[key] for key in keys},
+                            {key: module.hparams[key] for key in keys})
 
 
 def train(cfg: DictConfig) -> dict:
