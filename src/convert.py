@@ -3,6 +3,7 @@ import hydra
 from omegaconf import DictConfig
 
 from deepcnn.convert import convert_image_folder
+from deepcnn import cli
 from deepcnn.errors import reported_errors
 
 
@@ -15,4 +16,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,6 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from deepcnn import cli
 from deepcnn.errors import reported_errors
 from deepcnn.export import export_onnx
 
@@ -13,4 +14,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,6 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from deepcnn import cli
 from deepcnn.errors import reported_errors
 from deepcnn.predict import predict
 
@@ -22,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

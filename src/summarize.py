@@ -2,6 +2,7 @@
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from deepcnn import cli
 from deepcnn.errors import reported_errors
 from deepcnn.summary import SweepError, markdown, read_sweep, write_summary
 
@@ -19,4 +20,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

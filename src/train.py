@@ -1,16 +1,17 @@
-"""Train a network: python src/train.py [experiment=NAME] [key=value ...]"""
+"""Train a network: python src/train.py [experiment=NAME] [group=option ...] [key=value ...]"""
 import hydra
 from omegaconf import DictConfig
 
+from deepcnn import cli
 from deepcnn.errors import reported_errors
-from deepcnn.experiment import train
+from deepcnn.experiment import train_job
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     with reported_errors():
-        return train(cfg)["test_accuracy"]
+        return train_job(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omegaconf import OmegaConf
+
+from deepcnn.module import Classifier
 from deepcnn.records import CIFAR10, PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +39,20 @@ def write_dataset(root: Path, classes=("cat", "dog", "ship"), train_files: int =
     write_records(folder / "test_batch.bin", rng.integers(0, len(classes), test_records))
     (folder / "batches.meta.txt").write_text("\n".join(classes) + "\n\n")
     return folder
+
+
+def group_config(group: str, option: str) -> dict:
+    """A config group option as written in conf/, e.g. group_config("optimizer", "sgd")."""
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / group / f"{option}.yaml"))
+
+
+def make_classifier(classes=("cat", "dog", "ship"), model: dict | None = None, input_size: int = 24,
+                    **settings) -> Classifier:
+    """A Classifier with the recipe's defaults (a narrow recipe network unless `model` is given)."""
+    model = model or {"_target_": "deepcnn.models.RecipeCNN", "channels": 8, "hidden": [16, 8]}
+    parts = {"optimizer": group_config("optimizer", "sgd"), "scheduler": group_config("scheduler", "exponential"),
+             "loss": group_config("loss", "cross_entropy"), **settings}
+    return Classifier(model=model, classes=list(classes), input_size=input_size, **parts)
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, run_cli, write_records
+from conftest import group_config, make_classifier, run_cli, write_records
 from deepcnn import convert
 from deepcnn.convert import convert_image_folder
 from deepcnn.datamodule import CifarDataModule
 from deepcnn.errors import DataError, ImageError
-from deepcnn.module import Classifier
 from deepcnn.records import CIFAR10, CIFAR100, PIXELS, open_dataset, read_class_names
 
 
@@ -162,7 +160,7 @@ def test_converted_folder_trains_with_its_own_classes(tmp_path):
                         f"hydra.run.dir={tmp_path / 'hydra'}")
     assert converted.returncode == 0, converted.stderr
     assert "32 training and 32 test images of 4 classes" in converted.stdout
-    trained = run_cli("train.py", f"data.data_dir={tmp_path / 'data'}", "data.download=false", "data.batch_size=8",
+    trained = run_cli("train.py", f"data.data_dir={tmp_path / 'data'}", "data.download=false", "data.val_size=0", "data.batch_size=8",
                       "trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -197,7 +195,7 @@ def write_cifar100(root, train: int = 40, test: int = 20):
 @pytest.mark.parametrize("label,column,classes", [("coarse", 0, 20), ("fine", 1, 100)])
 def test_cifar100_trains_on_coarse_or_fine_labels(label, column, classes, tmp_path):
     labels = write_cifar100(tmp_path)
-    datamodule = CifarDataModule(str(tmp_path), batch_size=8, eval_batch_size=16, label=label, download=False)
+    datamodule = CifarDataModule(str(tmp_path), batch_size=8, eval_batch_size=16, val_size=0, label=label, download=False)
     datamodule.setup()
     assert len(datamodule.classes) == classes and datamodule.classes[0] == f"{label}0"
     np.testing.assert_array_equal(datamodule.dataset.train.labels, labels["train.bin"][:, column])
@@ -205,10 +203,7 @@ def test_cifar100_trains_on_coarse_or_fine_labels(label, column, classes, tmp_pa
     images, _ = datamodule.dataset.train.batch(np.arange(2))
     assert images.shape == (2, 3, 32, 32) and images.size == 2 * PIXELS
 
-    model, optimizer = (OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / group / name))
-                        for group, name in (("model", "recipe.yaml"), ("optimizer", "sgd.yaml")))
-    module = Classifier(model={**model, "crop_size": 24}, optimizer=optimizer, classes=datamodule.classes,
-                        crop_size=24)
+    module = make_classifier(datamodule.classes, model=group_config("model", "recipe"))
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)

@@ -67,7 +67,7 @@ def serve(server, name: str, body: bytes, sent: int | None = None) -> str:
 
 
 def datamodule(data_dir, url, checksum) -> CifarDataModule:
-    return CifarDataModule(data_dir=str(data_dir), url=url, md5=checksum, batch_size=4, eval_batch_size=4)
+    return CifarDataModule(data_dir=str(data_dir), url=url, md5=checksum, batch_size=4, eval_batch_size=4, val_size=0)
 
 
 def assert_nothing_left(data_dir):

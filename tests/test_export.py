@@ -11,7 +11,7 @@ from conftest import run_cli
 from deepcnn import augment
 from deepcnn.errors import CheckpointError
 from deepcnn.export import export_onnx
-from deepcnn.module import load_classifier
+from deepcnn.checkpoints import load_classifier
 from deepcnn.records import open_dataset
 
 
@@ -43,7 +43,7 @@ def test_onnx_model_gives_pytorch_top1_on_the_whole_test_set(shared_data, tmp_pa
         images, _ = test.batch(np.arange(start, min(start + 1000, len(test))))
         [onnx_logits] = session.run(None, {model_input.name: images.astype(np.float32)})
         with torch.no_grad():
-            torch_logits = module(augment.preprocess(torch.from_numpy(images), module.hparams.crop_size)).numpy()
+            torch_logits = module(augment.preprocess(torch.from_numpy(images), module.hparams.input_size)).numpy()
         agree += int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum())
         largest_gap = max(largest_gap, float(np.abs(onnx_logits - torch_logits).max()))
     print(f"ONNX and PyTorch agree on {agree} of {len(test)} test images; largest logit difference {largest_gap:.2e}")

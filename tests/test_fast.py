@@ -11,7 +11,6 @@ from deepcnn.augment import distort, tta_views
 from deepcnn.averaging import Lookahead
 from deepcnn.datamodule import CifarDataModule, TrainStream
 from deepcnn.models import FastCNN, whitening_filters
-from deepcnn.module import parameter_groups, triangle_lr
 from deepcnn.records import open_dataset
 
 
@@ -70,28 +69,6 @@ def test_lookahead_arithmetic():
     assert lookahead.decay(50, 100) == 0.25 and lookahead.decay(0, 100) == 0.0
 
 
-@pytest.mark.parametrize("total", [10, 100, 1001])
-def test_triangle_schedule_against_linear_interpolation(total):
-    peak_step = round(0.23 * total)
-    for step in range(total + 1):
-        expected = 0.5 * np.interp(step, [0, peak_step, total], [0.2, 1.0, 0.07])
-        assert triangle_lr(step, 0.5, total, 0.2, 0.23, 0.07) == pytest.approx(expected, rel=1e-12)
-    assert triangle_lr(0, 0.5, total, 0.2, 0.23, 0.07) == pytest.approx(0.1)
-    assert triangle_lr(total, 0.5, total, 0.2, 0.23, 0.07) == pytest.approx(0.035)
-
-
-def test_batchnorm_biases_learn_faster_with_the_same_decay_per_step():
-    model = FastCNN(widths=(8, 16, 16))
-    groups = parameter_groups(model, lr=0.5, weight_decay=0.01, bias_lr_scale=64.0)
-    norm_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in norm_biases]
-    assert groups[1]["lr"] == 32.0 and groups[1]["weight_decay"] == pytest.approx(0.01 / 64)
-    assert groups[1]["lr"] * groups[1]["weight_decay"] == pytest.approx(groups[0]["lr"] * groups[0]["weight_decay"])
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)
-    assert id(model.whiten.weight) not in trainable
-
-
 def test_alternating_flips_mirror_each_image_in_every_other_epoch(tmp_path):
     records = open_dataset(write_dataset(tmp_path, per_file=40, train_files=2)).train
     stream = TrainStream(records, 16, seed=7, alternate_flips=True)
@@ -132,16 +109,16 @@ def test_dataset_in_memory_gives_the_streamed_batches(tmp_path):
 def test_fast_network_trains_with_whitening_from_data_tta_and_lookahead(tiny_data, tmp_path):
     run_dir = tmp_path / "fast"
     result = run_cli("train.py", "experiment=fast", "model.widths=[8,16,16]",
-                     "lookahead={every: 2, max_decay: 0.774, power: 3}", f"data.data_dir={tiny_data}",
+                     "callbacks.lookahead.every=2", "data.val_size=0", f"data.data_dir={tiny_data}",
                      "data.batch_size=16", "trainer.max_steps=4", "trainer.precision=32", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["hyper_parameters"]["tta"] == 2
     assert "Lookahead" in saved["callbacks"]
     lrs = [group["lr"] for group in saved["optimizer_states"][0]["param_groups"]]
-    assert lrs == pytest.approx([1.5 * 0.07, 1.5 * 64 * 0.07])
+    assert lrs == pytest.approx([1.5 * 64 * 0.07, 1.5 * 0.07])
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
-    datamodule = CifarDataModule(data_dir=str(tiny_data), crop_size=32, download=False)
+    datamodule = CifarDataModule(data_dir=str(tiny_data), crop_size=32, val_size=0, download=False)
     datamodule.setup()
     expected = whitening_filters(datamodule.whitening_sample())
     torch.testing.assert_close(saved["state_dict"]["model.whiten.weight"], expected)

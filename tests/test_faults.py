@@ -5,17 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_dataset, write_records
+from conftest import make_classifier, run_cli, write_dataset, write_records
 from deepcnn.datamodule import CifarDataModule
+from deepcnn.module import Classifier
 from deepcnn.errors import CheckpointError, DataError
-from deepcnn.module import Classifier, load_classifier
+from deepcnn.checkpoints import load_classifier
 from deepcnn.records import RECORD_SIZE, open_dataset
 
 TINY_RUN = ("data.batch_size=16", "data.eval_batch_size=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            "trainer.precision=32", "data.download=false")
-TINY_MODEL = {"_target_": "deepcnn.models.RecipeCNN", "crop_size": 24, "channels": 8, "hidden": [16, 8]}
-OPTIMIZER = {"lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "decay_rate": 0.9,
-             "decay_steps": 250, "staircase": True}
+            "trainer.precision=32", "data.download=false", "data.val_size=0")
 
 
 def truncate(path, size):
@@ -95,8 +93,8 @@ def test_data_folder_that_is_a_file(tmp_path):
     assert str(err.value) == f"{not_a_folder}: is a file, not a folder of CIFAR binary batches"
 
 
-def tiny_classifier(model=TINY_MODEL) -> Classifier:
-    return Classifier(model=model, optimizer=OPTIMIZER, classes=["cat", "dog", "ship"], crop_size=24)
+def tiny_classifier(model=None) -> Classifier:
+    return make_classifier(model=model)
 
 
 def lightning_checkpoint(classifier: Classifier) -> dict:

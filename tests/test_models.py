@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from deepcnn.models import DeepCNN, RecipeCNN, local_response_norm, same_max_pool
-from deepcnn.module import decayed_lr
 
 
 def np_lrn(x, depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75):
@@ -65,12 +64,3 @@ def test_deep_cnn_depth_from_config():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 16, 16, 32, 32, 32]
     assert model(torch.zeros(2, 3, 24, 24)).shape == (2, 7)
-
-
-@pytest.mark.parametrize("step,expected", [(0, 0.1), (249, 0.1), (250, 0.09), (20_000, 0.1 * 0.9**80)])
-def test_schedule_values(step, expected):
-    assert math.isclose(decayed_lr(step, 0.1, 0.9, 250), expected, rel_tol=1e-12)
-
-
-def test_schedule_without_staircase_is_smooth():
-    assert math.isclose(decayed_lr(125, 0.1, 0.9, 250, staircase=False), 0.1 * 0.9**0.5)

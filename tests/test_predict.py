@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory):
         write_records(folder / name, labels, images.transpose(0, 3, 1, 2).reshape(count, -1))
     (folder / "batches.meta.txt").write_text("\n".join(COLOURS) + "\n")
     run = root / "run"
-    result = run_cli("train.py", f"data.data_dir={root}", "data.download=false", "data.batch_size=16",
+    result = run_cli("train.py", f"data.data_dir={root}", "data.download=false", "data.val_size=0", "data.batch_size=16",
                      "trainer.max_steps=40", "trainer.val_check_interval=40", f"hydra.run.dir={run}", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     return run / "checkpoints" / "last.ckpt"

@@ -14,17 +14,17 @@ import torch
 
 from conftest import ROOT, run_cli, write_dataset
 from deepcnn import augment
-from deepcnn.callbacks import AtomicCheckpointIO
+from deepcnn.checkpoints import AtomicCheckpointIO
 from deepcnn.datamodule import CifarDataModule
-from deepcnn.module import load_classifier
+from deepcnn.checkpoints import load_classifier
 
 MAX_STEPS, LR, DECAY_RATE, DECAY_STEPS = 30, 0.1, 0.9, 5
 # 128 training records in batches of 16: epochs of 8 steps, so a run of 30 steps crosses epoch boundaries,
 # learning-rate decays (every 5 steps) and test-set evaluations (every 10) both before and after a resume.
 SETTINGS = ("data.batch_size=16", "data.eval_batch_size=16", "data.download=false", f"trainer.max_steps={MAX_STEPS}",
             "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "trainer.precision=32",
-            "model.channels=8", "model.hidden=[32,16]", f"optimizer.lr={LR}", f"optimizer.decay_rate={DECAY_RATE}",
-            f"optimizer.decay_steps={DECAY_STEPS}", "seed=7")
+            "model.channels=8", "model.hidden=[32,16]", f"optimizer.lr={LR}", f"scheduler.decay_rate={DECAY_RATE}",
+            f"scheduler.decay_steps={DECAY_STEPS}", "seed=7", "data.val_size=0")
 
 
 def train_args(data, run_dir, *extra):
@@ -149,12 +149,12 @@ def test_checkpoint_round_trip(data, reference):
         assert torch.equal(classifier.state_dict()[name], tensor), name
     assert classifier.history == saved["deepcnn_history"]
 
-    datamodule = CifarDataModule(data_dir=str(data), eval_batch_size=16, download=False)
+    datamodule = CifarDataModule(data_dir=str(data), eval_batch_size=16, val_size=0, download=False)
     datamodule.setup()
     labels, predictions = [], []
     with torch.no_grad():
         for images, batch_labels in datamodule.test_dataloader():
-            predictions.append(classifier(augment.preprocess(images, classifier.hparams.crop_size)).argmax(1))
+            predictions.append(classifier(augment.preprocess(images, classifier.hparams.input_size)).argmax(1))
             labels.append(batch_labels)
     labels, predictions = torch.cat(labels), torch.cat(predictions)
     results = json.loads((reference_dir / "results.json").read_text())

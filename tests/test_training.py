@@ -36,14 +36,15 @@ def test_short_real_run_learns(shared_data, tmp_path):
 def test_sweep_makes_one_run_directory_per_value(tiny_data, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli("train.py", "-m", "optimizer.lr=0.05,0.1", f"data.data_dir={tiny_data}", "data.batch_size=16",
-                     "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep_dir}")
+                     "trainer.max_steps=4", "trainer.val_check_interval=2", "data.val_size=32",
+                     f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0", "1"]
     lrs = []
     for run in runs:
         assert json.loads((run / "results.json").read_text())["steps"] == 4
-        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
         lrs.append(float((run / ".hydra" / "overrides.yaml").read_text().split("optimizer.lr=")[1].split()[0]))
     assert lrs == [0.05, 0.1]
 
@@ -77,7 +78,7 @@ def test_progress_is_a_rich_bar_on_a_terminal_and_plain_lines_elsewhere(terminal
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
     trainer_cfg = OmegaConf.create({"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 1,
                                     "precision": "32", "log_every_n_steps": 7})
-    trainer = build_trainer(trainer_cfg, tmp_path, [], logger=False)
+    trainer = build_trainer(trainer_cfg, tmp_path, [], [])
     kinds = {type(c) for c in trainer.callbacks}
     assert (StepProgressBar in kinds) is terminal
     assert (LogLines in kinds) is not terminal

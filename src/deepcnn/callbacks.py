@@ -1,29 +1,21 @@
-"""Training-loop helpers: timing, signals, plain progress lines and atomic checkpoint writes."""
+"""The callbacks every run has, whatever the config adds: timing, stopping on a signal, stopping on a
+diverging loss, and progress. Those a user chooses (best checkpoints, early stopping, learning-rate
+monitor, lookahead averaging) come from conf/callbacks/."""
 from __future__ import annotations
 
-import os
+import logging
 import signal
 import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import RichProgressBar
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Checkpoint, RichProgressBar
 
-from deepcnn.files import replaced_on_success
+from deepcnn.errors import DivergenceError
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file, syncs it, then renames it over the old one,
-    so a write cut off midway leaves the previous checkpoint whole."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        with replaced_on_success(path) as partial, open(partial, "wb") as out:
-            torch.save(checkpoint, out)
-            out.flush()
-            os.fsync(out.fileno())
+log = logging.getLogger("deepcnn")
 
 
 class TrainTimer(pl.Callback):
@@ -58,6 +50,10 @@ class TrainTimer(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self._pause()
 
+    @property
+    def images_per_second(self) -> float | None:
+        return round(self.images / self.seconds, 1) if self.seconds else None
+
 
 class StopRequested(Exception):
     """Raised out of the training loop once a signal's checkpoint is written: no further validation,
@@ -68,8 +64,14 @@ class StopRequested(Exception):
         self.signum, self.step = signum, step
 
 
-class GracefulStop(pl.Callback):
-    """On SIGINT or SIGTERM, finish the current step, write the last checkpoint and stop."""
+class GracefulStop(Checkpoint):
+    """On SIGINT or SIGTERM, finish the current step, write the last checkpoint and stop.
+
+    A Checkpoint callback, so Lightning runs it after every other callback of the step: the checkpoint
+    holds the step's lookahead averaging and everything else the step did. The handlers stay installed
+    until `restore` (the end of the whole run), so a signal during the final evaluation is noticed too:
+    `signal` says which one came.
+    """
 
     def __init__(self, checkpoint_path: Path):
         self.checkpoint_path = Path(checkpoint_path)
@@ -84,24 +86,38 @@ class GracefulStop(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         # Installed here, after Lightning registers its own handlers, so these take precedence.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        if not self._previous:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.signal is not None:
             trainer.save_checkpoint(self.checkpoint_path)
             raise StopRequested(self.signal, trainer.global_step)
 
-    def _restore_handlers(self):
+    def restore(self):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def on_train_end(self, trainer, pl_module):
-        self._restore_handlers()
 
-    def on_exception(self, trainer, pl_module, exception):
-        self._restore_handlers()
+class DivergenceStop(pl.Callback):
+    """Stops the run when the loss is no longer finite, naming the step. Every step on the CPU; on a GPU
+    every `every` steps, since reading the loss back waits for the device."""
+
+    def __init__(self, checkpoint_path: Path, every: int):
+        self.checkpoint_path, self.every = Path(checkpoint_path), every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if pl_module.device.type != "cpu" and step % self.every:
+            return
+        loss = outputs["loss"]
+        if not torch.isfinite(loss):
+            when = f"at step {step}" if pl_module.device.type == "cpu" else f"by step {step}"
+            kept = (f"the last checkpoint ({self.checkpoint_path}) is kept" if self.checkpoint_path.is_file()
+                    else "no checkpoint had been written yet")
+            raise DivergenceError(f"loss became {loss.item()} {when}; stopped, {kept} (lower optimizer.lr)")
 
 
 class StepProgressBar(RichProgressBar):
@@ -113,7 +129,7 @@ class StepProgressBar(RichProgressBar):
 
 
 class LogLines(pl.Callback):
-    """Plain progress lines for logs and pipes, where a live progress bar would be noise."""
+    """Progress lines through logging (the console and the run's log file), where a live bar would be noise."""
 
     def __init__(self, every: int):
         self.every = every
@@ -123,9 +139,11 @@ class LogLines(pl.Callback):
         if step % self.every == 0 and trainer.is_global_zero:
             loss = trainer.callback_metrics.get("train/loss")
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            print(f"step {step}/{trainer.max_steps}  loss {float(loss):.4f}  lr {lr:.3g}", flush=True)
+            log.info(f"step {step}/{trainer.max_steps}  loss {float(loss):.4f}  lr {lr:.3g}")
 
     def on_validation_end(self, trainer, pl_module):
-        accuracy = trainer.callback_metrics.get("val/accuracy")
+        label = pl_module.validation_label
+        accuracy = trainer.callback_metrics.get(f"{label}/accuracy")
         if trainer.state.fn == "fit" and accuracy is not None and trainer.is_global_zero:
-            print(f"step {trainer.global_step}  test accuracy {100 * float(accuracy):.2f}%", flush=True)
+            name = "validation" if label == "val" else "test"
+            log.info(f"step {trainer.global_step}  {name} accuracy {100 * float(accuracy):.2f}%")

@@ -1,6 +1,7 @@
 """The LightningDataModule: streams record batches and distorts them on the training device."""
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from pathlib import Path
@@ -11,8 +12,9 @@ import torch
 
 from deepcnn import augment
 from deepcnn.download import download_dataset
-from deepcnn.errors import DataError, DownloadError, refuse_changed_settings
-from deepcnn.records import CIFAR10, Dataset, RecordSet, find_records_dir, open_dataset
+from deepcnn.checkpoints import refuse_changed_settings
+from deepcnn.errors import DataError, DownloadError, SettingsError
+from deepcnn.records import CIFAR10, Dataset, find_records_dir, open_dataset, split_indices
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -28,6 +30,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 class TrainStream:
     """Training batches for steps start, start+1, ... forever: (images uint8, labels, step, mirror).
 
+    The step stays a Python int, so deriving a step's augmentation seed never waits on a GPU.
+
     Step s takes batch s of its epoch's seeded permutation of every record; with several
     processes each takes its own slice of that batch position. A background thread reads
     ahead so that disk reads overlap the training step. `mirror` is None, leaving flips to chance,
@@ -35,7 +39,7 @@ class TrainStream:
     every other epoch after, so that over any two epochs the network sees both of its sides.
     """
 
-    def __init__(self, records: RecordSet, batch_size: int, seed: int, start_step: int = 0,
+    def __init__(self, records, batch_size: int, seed: int, start_step: int = 0,
                  rank: int = 0, world_size: int = 1, prefetch: int = 4, alternate_flips: bool = False):
         self.records, self.batch_size, self.seed = records, batch_size, seed
         self.start_step, self.rank, self.world_size, self.prefetch = start_step, rank, world_size, prefetch
@@ -61,7 +65,7 @@ class TrainStream:
         mirror = None
         if self.coins is not None:
             mirror = torch.from_numpy(self.coins[indices] ^ bool(step // self.steps_per_epoch % 2))
-        return torch.from_numpy(images), torch.from_numpy(labels), torch.tensor(step), mirror
+        return torch.from_numpy(images), torch.from_numpy(labels), step, mirror
 
     def __iter__(self):
         ahead: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -100,7 +104,7 @@ class TrainStream:
 class EvalStream:
     """Every record once, in file order, in batches of (images uint8, labels); this process's share only."""
 
-    def __init__(self, records: RecordSet, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, records, batch_size: int, rank: int = 0, world_size: int = 1):
         self.records, self.batch_size = records, batch_size
         self.indices = np.arange(rank, len(records), world_size)
 
@@ -113,20 +117,37 @@ class EvalStream:
             yield torch.from_numpy(images), torch.from_numpy(labels)
 
 
+# Settings of `augment.distort` that data.augment may set; alternate_flips is the stream's.
+DISTORTIONS = [name for name in inspect.signature(augment.distort).parameters
+               if name not in ("images", "generator", "crop_size", "mirror")]
+AUGMENT_KEYS = [*DISTORTIONS, "alternate_flips"]
+
+
 class CifarDataModule(pl.LightningDataModule):
+    """CIFAR binary records: a training stream of distorted batches, a validation split held out of the
+    training files (`val_size` records chosen by `split_seed`, the same for every seed of a sweep), and
+    the test set. Batches leave as uint8 pixels; training batches are distorted after the move to the
+    training device, evaluation batches are preprocessed by the model (`Classifier.logits`)."""
+
     def __init__(self, data_dir: str, batch_size: int = 128, eval_batch_size: int = 1000, crop_size: int = 24,
-                 random_crop: bool = True, pad: int = 0, flip_prob: float = 0.5, max_brightness: float = 63.0,
-                 contrast: tuple[float, float] | None = (0.2, 1.8), label: str = "fine", download: bool = True,
-                 url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4, alternate_flips: bool = False,
+                 val_size: int = 5000, split_seed: int = 0, augment: dict | None = None, label: str = "fine",
+                 download: bool = True, url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4,
                  in_memory: bool = False):
         super().__init__()
+        self.augment = dict(augment or {})
+        unknown = sorted(set(self.augment) - set(AUGMENT_KEYS))
+        if unknown:
+            raise SettingsError(f"data.augment.{unknown[0]}: unknown distortion; data.augment takes "
+                                f"{', '.join(AUGMENT_KEYS)}")
+        self.distortions = {k: v for k, v in self.augment.items() if k in DISTORTIONS}
+        self.alternate_flips = bool(self.augment.get("alternate_flips", False))
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size, self.crop_size = batch_size, eval_batch_size, crop_size
-        self.distortions = dict(random_crop=random_crop, pad=pad, flip_prob=flip_prob, max_brightness=max_brightness,
-                                contrast=tuple(contrast) if contrast else None)
+        self.val_size, self.split_seed = val_size, split_seed
         self.label, self.download, self.url, self.md5 = label, download, url, md5
-        self.seed, self.prefetch, self.alternate_flips, self.in_memory = seed, prefetch, alternate_flips, in_memory
+        self.seed, self.prefetch, self.in_memory = seed, prefetch, in_memory
         self.dataset: Dataset | None = None
+        self.train_records = self.val_records = None
 
     def prepare_data(self) -> None:
         if find_records_dir(self.data_dir) is not None:
@@ -146,19 +167,33 @@ class CifarDataModule(pl.LightningDataModule):
             ) from None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = open_dataset(self.data_dir, self.label)
-            if self.in_memory:
-                self.dataset.train, self.dataset.test = self.dataset.train.loaded(), self.dataset.test.loaded()
+        if self.dataset is not None:
+            return
+        self.dataset = open_dataset(self.data_dir, self.label)
+        if self.in_memory:
+            self.dataset.train, self.dataset.test = self.dataset.train.loaded(), self.dataset.test.loaded()
+        count = len(self.dataset.train)
+        if self.val_size >= count:
+            raise DataError(f"{self.dataset.root}: data.val_size={self.val_size} would hold out all {count:,} "
+                            "training records; choose fewer (0 for none)")
+        kept, held_out = split_indices(count, self.val_size, self.split_seed)
+        self.train_records = self.dataset.train.subset(kept) if self.val_size else self.dataset.train
+        self.val_records = self.dataset.train.subset(held_out) if self.val_size else None
 
     @property
     def classes(self) -> list[str]:
         self.setup()
         return self.dataset.classes
 
+    @property
+    def validation_label(self) -> str:
+        """What validation measures: the held-out split ("val"), or the test set when there is none."""
+        return "val" if self.val_size else "test"
+
     def whitening_sample(self, count: int = 5000) -> torch.Tensor:
         """The first `count` training images as the network sees them at test time, to fit whitening to."""
-        images, _ = self.dataset.train.batch(np.arange(min(count, len(self.dataset.train))))
+        self.setup()
+        images, _ = self.train_records.batch(np.arange(min(count, len(self.train_records))))
         return augment.preprocess(torch.from_numpy(images), self.crop_size)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -167,7 +202,9 @@ class CifarDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         """What decides which records and distortions each step gets; saved in every checkpoint."""
-        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self._rank_world()[1]}
+        return {"data.batch_size": self.batch_size, "seed": self.seed, "world_size": self._rank_world()[1],
+                "data.crop_size": self.crop_size, "data.val_size": self.val_size, "data.split_seed": self.split_seed,
+                **{f"data.augment.{key}": value for key, value in sorted(self.augment.items())}}
 
     def load_state_dict(self, state: dict) -> None:
         # Step s of a resumed run reads batch s of the order these settings give: with other values it
@@ -177,13 +214,15 @@ class CifarDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank_world()
         start = self.trainer.global_step if self.trainer is not None else 0
-        return TrainStream(self.dataset.train, self.batch_size, self.seed, start, rank, world, self.prefetch,
+        return TrainStream(self.train_records, self.batch_size, self.seed, start, rank, world, self.prefetch,
                            self.alternate_flips)
 
     def val_dataloader(self):
-        return EvalStream(self.dataset.test, self.eval_batch_size, *self._rank_world())
+        return EvalStream(self.val_records if self.val_size else self.dataset.test, self.eval_batch_size,
+                          *self._rank_world())
 
-    test_dataloader = val_dataloader
+    def test_dataloader(self):
+        return EvalStream(self.dataset.test, self.eval_batch_size, *self._rank_world())
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         # Batches are made in CPU memory: "moving" them to the CPU is a per-step cost for nothing.
@@ -192,10 +231,9 @@ class CifarDataModule(pl.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if len(batch) == 4:
-            images, labels, step, mirror = batch
-            seed = step_seed(self.seed, int(step), self._rank_world()[0])
-            generator = torch.Generator(device=images.device).manual_seed(seed)
-            return augment.distort(images, generator, self.crop_size, mirror=mirror, **self.distortions), labels
-        images, labels = batch
-        return augment.preprocess(images, self.crop_size).contiguous(memory_format=torch.channels_last), labels
+        if len(batch) == 2:
+            return batch
+        images, labels, step, mirror = batch
+        generator = torch.Generator(device=images.device).manual_seed(step_seed(self.seed, step,
+                                                                                self._rank_world()[0]))
+        return augment.distort(images, generator, self.crop_size, mirror=mirror, **self.distortions), labels

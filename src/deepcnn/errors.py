@@ -9,6 +9,7 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
 
     exit_code = 2
+    prefix = "deepcnn: error: "
 
 
 class DataError(UserError):
@@ -27,29 +28,36 @@ class CheckpointError(UserError):
     """A file is not a usable deepcnn checkpoint."""
 
 
+class SettingsError(UserError):
+    """A configuration value is out of range, of the wrong type, or unknown."""
+
+
 class DivergenceError(UserError):
     """Training produced a non-finite loss."""
 
     exit_code = 3
 
 
-def refuse_changed_settings(path, saved: dict, current: dict) -> None:
-    """A resumed run keeps the settings its checkpoint was trained with: name the first one that differs.
-    Keys the checkpoint does not hold (written by an older version) are not compared."""
-    for key, now in current.items():
-        if key in saved and saved[key] != now:
-            raise CheckpointError(f"{path}: was trained with {key} {saved[key]}, but this run has {now}; "
-                                  "resume with the settings it was trained with")
+class Interrupted(UserError):
+    """A signal stopped the run; its checkpoint resumes it."""
+
+    prefix = "deepcnn: "
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
-def report(err: UserError) -> None:
-    print(f"deepcnn: error: {err}", file=sys.stderr)
+def print_error(err: UserError) -> None:
+    print(f"{err.prefix}{err}", file=sys.stderr)
 
 
 @contextmanager
 def reported_errors():
+    """Inside an entry script's task: a UserError ends the process with its one line and exit code.
+    (Raised out of the task instead, Hydra would print its own report around it.)"""
     try:
         yield
     except UserError as err:
-        report(err)
+        print_error(err)
         sys.exit(err.exit_code)

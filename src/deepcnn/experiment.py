@@ -1,26 +1,32 @@
-"""Training and evaluation runs, assembled from the Hydra config."""
+"""Training and evaluation runs, assembled from the Hydra config: every component is instantiated from
+its config group, and the safety callbacks are added in code, always."""
 from __future__ import annotations
 
+import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from deepcnn import reports
+from deepcnn import checkpoints, reports, settings
 from deepcnn.allocator import keep_freed_memory
-from deepcnn.averaging import Lookahead
-from deepcnn.callbacks import (AtomicCheckpointIO, GracefulStop, LogLines, StepProgressBar, StopRequested,
-                               TrainTimer)
-from deepcnn.errors import CheckpointError, refuse_changed_settings
-from deepcnn.module import Classifier, load_classifier
+from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
+from deepcnn.checkpoints import AtomicCheckpointIO
+from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
+from deepcnn.module import Classifier
+from deepcnn.precision import choose_precision
 from deepcnn.sync_batchnorm import BatchNormSync
+
+log = logging.getLogger("deepcnn")
 
 # The train stream resumes at the checkpoint's step by itself (see TrainStream), which Lightning cannot see.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
@@ -29,121 +35,205 @@ warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is 
 # Epoch-level values are logged from torchmetrics results, which are already reduced over all processes.
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
-
-def resolve_precision(precision: str | int, accelerator: str) -> str:
-    """'auto': bf16 mixed precision where the hardware computes bf16 natively, else float32."""
-    if str(precision) != "auto":
-        return str(precision)
-    on_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if on_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-        else "32-true"
+# Loggers whose packages are optional extras of pyproject.toml, by their conf/logger/ name.
+LOGGER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
 
 
-def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, **overrides) -> pl.Trainer:
+def plain(config) -> dict | list | None:
+    return OmegaConf.to_container(config, resolve=True) if config is not None else None
+
+
+def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> pl.Trainer:
     interactive = sys.stdout.isatty()
-    if interactive:
-        callbacks = [*callbacks, StepProgressBar()]
-    else:
-        callbacks = [*callbacks, LogLines(trainer_cfg.get("log_every_n_steps", 50))]
-    precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    progress = StepProgressBar() if interactive else LogLines(trainer_cfg.get("log_every_n_steps", 50))
+    precision, why = choose_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    if str(trainer_cfg.precision) == "auto":
+        log.info(f"precision {precision}: {why}")
     plugins = [AtomicCheckpointIO(), *([BatchNormSync()] if trainer_cfg.get("sync_batchnorm") else [])]
-    return instantiate(
-        trainer_cfg, precision=precision, callbacks=callbacks, plugins=plugins,
-        enable_progress_bar=interactive, default_root_dir=str(run_dir), **overrides,
-    )
+    return instantiate(trainer_cfg, precision=precision, callbacks=[progress, *callbacks], plugins=plugins,
+                       logger=loggers or False, enable_progress_bar=interactive, default_root_dir=str(run_dir))
 
 
-def run_directory(ckpt_path: str | None) -> Path:
-    """A resumed run carries on in the run directory its checkpoint belongs to."""
-    if ckpt_path:
-        ckpt = Path(ckpt_path)
-        if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent
-    return Path(HydraConfig.get().runtime.output_dir)
+def build_loggers(logger_cfg: DictConfig | None) -> list:
+    loggers = []
+    for name, config in (logger_cfg or {}).items():
+        try:
+            loggers.append(instantiate(config))
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ImportError):
+                extra = LOGGER_EXTRAS.get(name, name)
+                raise SettingsError(f"logger {name} needs a package that is not installed ({err.__cause__}); "
+                                    f"install it with: pip install -e '.[{extra}]'") from None
+            raise
+    return loggers
 
 
-def check_resumable(ckpt_path: str, resumed: Classifier, module: Classifier) -> None:
-    """Resuming loads the checkpoint's weights into the configured network, so both must be the same
-    network on the same classes; otherwise Lightning fails deep inside with a traceback."""
-    keys = ("model", "classes", "crop_size")
-    refuse_changed_settings(ckpt_path, {key: resumed.hparams[key] for key in keys},
-                            {key: module.hparams[key] for key in keys})
+def build_callbacks(callbacks_cfg: DictConfig | None, validation_label: str) -> list:
+    """The config's callbacks. Without a validation split nothing may select on validation accuracy,
+    so the callbacks that monitor it are left out, saying so once."""
+    chosen = {name: config for name, config in (callbacks_cfg or {}).items() if config is not None}
+    if validation_label != "val":
+        selecting = [name for name, config in chosen.items() if str(config.get("monitor", "")).startswith("val/")]
+        if selecting:
+            log.warning(f"data.val_size=0: no validation split to select on; the accuracy curve is test accuracy, "
+                        f"and {', '.join(selecting)} (which select on validation accuracy) are off")
+        chosen = {name: config for name, config in chosen.items() if name not in selecting}
+    return [instantiate(config) for config in chosen.values()]
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this run (of this job, in a sweep)."""
+    return list(HydraConfig.get().overrides.task)
+
+
+def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
+    return Classifier(model=plain(cfg.model), optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler),
+                      loss=plain(cfg.loss), classes=classes, input_size=cfg.data.crop_size, tta=cfg.tta)
+
+
+def resume_command(ckpt: Path) -> str:
+    kept = [o for o in task_overrides() if not o.startswith(("ckpt_path=", "init_from="))]
+    return shlex.join(["python", "src/train.py", *kept, f"ckpt_path={ckpt}"])
+
+
+def refuse_reused_run_dir(run_dir: Path) -> None:
+    if (run_dir / "results.json").exists() or (run_dir / "checkpoints").exists():
+        raise SettingsError(f"{run_dir}: already holds a run; choose another hydra.run.dir, or resume it with "
+                            "ckpt_path=auto")
 
 
 def train(cfg: DictConfig) -> dict:
+    """One training run: settings checked, data opened, the network trained, evaluated and reported.
+    Returns the run's results (also written to results.json)."""
+    settings.check(cfg)
     keep_freed_memory()
-    resumed = load_classifier(cfg.ckpt_path) if cfg.ckpt_path else None
-    run_dir = run_directory(cfg.ckpt_path)
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = checkpoints.resolve_resume(cfg.ckpt_path, run_dir)
+    run_dir = checkpoints.run_directory(ckpt_path, run_dir)
+    if not ckpt_path:
+        refuse_reused_run_dir(run_dir)
+    loggers = build_loggers(cfg.logger)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
-    module = Classifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        classes=datamodule.classes,
-        crop_size=cfg.data.crop_size,
-        tta=cfg.tta,
-    )
-    if resumed is not None:
-        check_resumable(cfg.ckpt_path, resumed, module)
+    module = build_module(cfg, datamodule.classes)
+    module.validation_label = datamodule.validation_label
+    if ckpt_path:
+        checkpoints.check_resumable(ckpt_path, module.hparams)
+    elif cfg.init_from:
+        checkpoints.load_weights(module, checkpoints.read_checkpoint(cfg.init_from), cfg.init_from)
+    elif hasattr(module.model, "init_whitening"):
+        # Layers fitted to the data rather than learned: fitted once, here, before training.
+        module.model.init_whitening(datamodule.whitening_sample())
     checkpoint_dir = run_dir / "checkpoints"
-    timer = TrainTimer()
-    stop = GracefulStop(checkpoint_dir / "last.ckpt")
-    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
-                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-    averaging = [Lookahead(**cfg.lookahead)] if cfg.lookahead else []
-    trainer = build_trainer(cfg.trainer, run_dir, [timer, stop, checkpoints, *averaging], logger=logger)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    except StopRequested as stopped:
-        if trainer.is_global_zero:
-            print(f"deepcnn: stopped at step {stopped.step}; resume with "
-                  f"python src/train.py ckpt_path={stop.checkpoint_path}", file=sys.stderr)
-        sys.exit(128 + stopped.signum)
     last = checkpoint_dir / "last.ckpt"
-    trainer.save_checkpoint(last)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    result = module.test_result
-    accuracy_curve = module.history["accuracy"]
-    if not accuracy_curve or accuracy_curve[-1][0] != trainer.global_step:
-        # Presets that validate only at the end (experiment=fast) still get a point on their curve.
-        accuracy_curve.append((trainer.global_step, result["accuracy"]))
-    summary = {
-        "test_accuracy": result["accuracy"],
-        "per_class_accuracy": result["per_class"],
-        "steps": trainer.global_step,
-        "train_seconds": round(timer.seconds, 3),
-        "images_per_second": round(timer.images / timer.seconds, 1) if timer.seconds else None,
-        "checkpoint": str(last.resolve()),
-    }
-    if trainer.is_global_zero:
-        report(module, result, run_dir, logger)
-        reports.write_json(run_dir / "results.json", summary)
-        print(reports.accuracy_table(result["accuracy"], result["per_class"]))
-        print(f"{summary['images_per_second']} training images/s; run directory: {run_dir}")
+    timer = TrainTimer()
+    stop = GracefulStop(last)
+    safety = [timer, stop, DivergenceStop(last, cfg.trainer.log_every_n_steps),
+              ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
+                              every_n_train_steps=cfg.checkpoint_every_n_steps)]
+    trainer = build_trainer(cfg.trainer, run_dir, [*safety, *build_callbacks(cfg.callbacks, module.validation_label)],
+                            loggers)
+    try:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except StopRequested as stopped:
+            raise Interrupted(f"stopped at step {stopped.step}; resume with {resume_command(last)}",
+                              stopped.signum) from None
+        trainer.save_checkpoint(last)
+        summary = evaluate_trained(trainer, module, datamodule)
+        summary.update(steps=trainer.global_step, train_seconds=round(timer.seconds, 3),
+                       images_per_second=timer.images_per_second, checkpoint=str(last.resolve()))
+        if trainer.is_global_zero:
+            write_reports(module, summary, run_dir, trainer.loggers)
+    finally:
+        stop.restore()
+    if stop.signal is not None:
+        raise Interrupted(f"a signal came during the final evaluation; training had finished and its results are "
+                          f"in {run_dir}", stop.signal)
     return summary
 
 
-def report(module: Classifier, result: dict, run_dir: Path, logger: TensorBoardLogger) -> None:
-    reports.plot_curves(module.history, run_dir)
+def evaluate_trained(trainer: pl.Trainer, module: Classifier, datamodule) -> dict:
+    """Validation accuracy of the final weights (the end of the curve) and the whole test set, once."""
+    curve = module.history["accuracy"]
+    step = trainer.global_step
+    if not curve or curve[-1][0] != step:
+        if module.validation_label == "val":
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            curve.append((step, float(trainer.callback_metrics["val/accuracy"])))
+    has_validation = module.validation_label == "val"
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    result = module.test_result
+    if not has_validation and (not curve or curve[-1][0] != step):
+        # Without a split the curve is test accuracy: its last point is the final test pass.
+        curve.append((step, result["accuracy"]))
+    return {
+        "status": "done",
+        "reason": None,
+        "objective": "val_accuracy" if has_validation else "test_accuracy",
+        "val_accuracy": curve[-1][1] if has_validation else None,
+        "test_accuracy": result["accuracy"],
+        "per_class_accuracy": result["per_class"],
+        "confusion": result["confusion"],
+    }
+
+
+def write_reports(module: Classifier, summary: dict, run_dir: Path, loggers: list) -> None:
+    confusion = summary.pop("confusion")
     classes = module.hparams.classes
-    figure_path = run_dir / "confusion.png"
-    reports.plot_confusion(result["confusion"], classes, figure_path)
-    reports.write_json(run_dir / "per_class_accuracy.json", result["per_class"])
-    logger.experiment.add_text("test/per_class_accuracy",
-                               reports.accuracy_table(result["accuracy"], result["per_class"]).replace("\n", "  \n"))
-    logger.experiment.add_image("test/confusion_matrix", reports.png_array(figure_path), dataformats="HWC")
-    logger.experiment.flush()
+    reports.plot_curves(module.history, run_dir, module.validation_label)
+    figure = run_dir / "confusion.png"
+    reports.plot_confusion(confusion, classes, figure)
+    reports.write_json(run_dir / "per_class_accuracy.json", summary["per_class_accuracy"])
+    reports.write_json(run_dir / "results.json", summary)
+    table = reports.accuracy_table(summary)
+    overrides = dict(o.lstrip("+~").split("=", 1) for o in task_overrides() if "=" in o)
+    finals = {f"final/{key}": summary[key] for key in ("val_accuracy", "test_accuracy") if summary[key] is not None}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            # The HPARAMS tab: this run's overrides beside its final accuracies, to compare the runs of a sweep.
+            logger.log_hyperparams(overrides, finals)
+            logger.experiment.add_text("test/per_class_accuracy", table.replace("\n", "  \n"))
+            logger.experiment.add_image("test/confusion_matrix", reports.png_array(figure), dataformats="HWC")
+        else:
+            logger.log_hyperparams(overrides)
+            logger.log_metrics(finals)
+        logger.finalize("success")
+    log.info(table)
+    log.info(f"{summary['images_per_second']} training images/s; run directory: {run_dir}")
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def train_job(cfg: DictConfig) -> float:
+    """train.py's task: the run's objective, validation accuracy (test accuracy without a split).
+
+    In a sweep, a run that fails is recorded as failed, with its reason, in its results.json, and the
+    sweep goes on (its objective is NaN); alone, the error reaches the command line. A signal stops a
+    sweep too.
+    """
+    try:
+        summary = train(cfg)
+    except Interrupted:
+        raise
+    except Exception as err:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        log.error(f"run failed: {reason}")
+        run_dir = Path(cfg.run_dir)
+        reports.write_json(run_dir / "results.json", {
+            "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
+            "steps": None, "train_seconds": None, "images_per_second": None})
+        return float("nan")
+    return summary[summary["objective"]]
+
+
+def test_checkpoint(cfg: DictConfig) -> dict:
+    """Overall and per-class accuracy of a checkpoint on the whole test set."""
     keep_freed_memory()
-    module = load_classifier(cfg.ckpt_path)
-    datamodule = instantiate(cfg.data, crop_size=module.hparams.crop_size)
+    module = checkpoints.load_classifier(cfg.ckpt_path)
+    datamodule = instantiate(cfg.data, crop_size=module.hparams.input_size)
     datamodule.prepare_data()
     datamodule.setup()
     if datamodule.classes != module.hparams.classes:
@@ -151,8 +241,9 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{cfg.ckpt_path}: trained on classes {module.hparams.classes}, but {datamodule.dataset.root} has "
             f"{datamodule.classes}"
         )
-    trainer = build_trainer(cfg.trainer, Path(HydraConfig.get().runtime.output_dir), [], logger=False)
+    trainer = build_trainer(cfg.trainer, Path(HydraConfig.get().runtime.output_dir), [], [])
     trainer.test(module, datamodule=datamodule, verbose=False)
     result = module.test_result
-    print(reports.accuracy_table(result["accuracy"], result["per_class"]))
-    return {"test_accuracy": result["accuracy"], "per_class_accuracy": result["per_class"]}
+    summary = {"test_accuracy": result["accuracy"], "per_class_accuracy": result["per_class"]}
+    log.info(reports.accuracy_table(summary))
+    return summary

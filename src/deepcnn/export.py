@@ -8,9 +8,9 @@ import onnx
 import torch
 from torch import nn
 
-from deepcnn import augment
 from deepcnn.files import replaced_on_success
-from deepcnn.module import Classifier, load_classifier
+from deepcnn.checkpoints import load_classifier
+from deepcnn.module import Classifier
 from deepcnn.records import CHANNELS, HEIGHT, WIDTH
 
 INPUT, OUTPUT = "images", "logits"
@@ -26,7 +26,7 @@ class Deployed(nn.Module):
         self.classifier = classifier
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.evaluate(augment.preprocess(images, self.classifier.hparams.crop_size))
+        return self.classifier.logits(images)
 
 
 def export_onnx(ckpt_path: str | Path, output: str | Path) -> Path:

@@ -84,12 +84,12 @@ def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
 class RecipeCNN(nn.Module):
     """conv5x5(64) -> pool -> LRN -> conv5x5(64) -> pool -> LRN -> FC 384 -> FC 192 -> FC classes."""
 
-    def __init__(self, num_classes: int = 10, crop_size: int = 24, channels: int = 64, hidden=(384, 192)):
+    def __init__(self, num_classes: int = 10, input_size: int = 24, channels: int = 64, hidden=(384, 192)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, channels, 5, padding=2)
         self.conv2 = nn.Conv2d(channels, channels, 5, padding=2)
         self.norm = LocalResponseNorm()
-        side = math.ceil(math.ceil(crop_size / 2) / 2)
+        side = math.ceil(math.ceil(input_size / 2) / 2)
         sizes = [channels * side * side, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.head = nn.Linear(sizes[-1], num_classes)

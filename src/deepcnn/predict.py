@@ -8,10 +8,10 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from deepcnn import augment
-from deepcnn.errors import ImageError, report
+from deepcnn.errors import ImageError, print_error
 from deepcnn.images import files_under, read_image
-from deepcnn.module import Classifier, load_classifier
+from deepcnn.checkpoints import load_classifier
+from deepcnn.module import Classifier
 
 BATCH_SIZE = 256
 HEADER = ("path", "class", "probability")
@@ -31,8 +31,7 @@ def input_files(path: Path) -> list[Path]:
 @torch.inference_mode()
 def classify(module: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The top class of each uint8 (n, 3, 32, 32) image and its softmax probability."""
-    x = augment.preprocess(torch.from_numpy(images), module.hparams.crop_size)
-    probabilities = torch.softmax(module.evaluate(x.contiguous(memory_format=torch.channels_last)), dim=1)
+    probabilities = torch.softmax(module.logits(torch.from_numpy(images)), dim=1)
     top = probabilities.max(dim=1)
     return top.indices.numpy(), top.values.numpy()
 
@@ -53,7 +52,7 @@ def predict(ckpt_path: str | Path, source: str | Path, out: TextIO) -> None:
                 images.append(read_image(path))
                 readable.append(path)
             except ImageError as err:
-                report(err)
+                print_error(err)
                 failed += 1
         if images:
             labels, probabilities = classify(module, np.stack(images))

@@ -171,6 +171,9 @@ class RecordSet:
     def loaded(self) -> "LoadedRecordSet":
         return LoadedRecordSet(self)
 
+    def subset(self, indices: np.ndarray) -> "RecordSubset":
+        return RecordSubset(self, indices)
+
 
 class LoadedRecordSet(RecordSet):
     """A record set read whole into memory once (uint8, 3 KiB an image): batches gather by indexing."""
@@ -185,6 +188,26 @@ class LoadedRecordSet(RecordSet):
 
     def pixels(self, indices: np.ndarray) -> np.ndarray:
         return self.images[np.asarray(indices, dtype=np.int64)]
+
+
+class RecordSubset:
+    """Some records of a record set, renumbered 0..n-1: a list of indices, not a copy of the records."""
+
+    def __init__(self, records: RecordSet, indices: np.ndarray):
+        self.records, self.indices = records, np.asarray(indices, dtype=np.int64)
+        self.labels = records.labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.records.batch(self.indices[np.asarray(indices, dtype=np.int64)])
+
+
+def split_indices(count: int, held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): `held_out` of `count` record indices chosen by `seed` alone, both sorted."""
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
 @dataclass

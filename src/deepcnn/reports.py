@@ -19,12 +19,16 @@ def write_json(path: Path, data: dict) -> None:
         partial.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def plot_curves(history: dict[str, list[tuple[int, float]]], run_dir: Path) -> list[Path]:
-    """loss.png (train loss by step) and accuracy.png (test accuracy by step), as the recipe draws them."""
+CURVE_TITLES = {"val": "Validation accuracy (held-out training images)", "test": "Test accuracy (whole test set)"}
+
+
+def plot_curves(history: dict[str, list[tuple[int, float]]], run_dir: Path, label: str = "val") -> list[Path]:
+    """loss.png (train loss by step) and accuracy.png (validation accuracy by step, or test accuracy when
+    the run has no validation split, as the title says), as the recipe draws them."""
     written = []
     for key, filename, title, ylabel in (
         ("loss", "loss.png", "Softmax loss per generation", "Loss"),
-        ("accuracy", "accuracy.png", "Test accuracy (whole test set)", "Accuracy"),
+        ("accuracy", "accuracy.png", CURVE_TITLES[label], "Accuracy"),
     ):
         points = history.get(key) or []
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -56,10 +60,20 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     plt.close(fig)
 
 
-def accuracy_table(accuracy: float, per_class: dict[str, float]) -> str:
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def accuracy_table(summary: dict) -> str:
+    """Validation accuracy (when the run had a split), test accuracy and each class's test accuracy;
+    a class without test images has none ("n/a")."""
+    per_class = summary["per_class_accuracy"]
     width = max(len(name) for name in per_class)
-    lines = [f"test accuracy: {100 * accuracy:.2f}% (whole test set)"]
-    lines += [f"  {name:<{width}}  {100 * value:6.2f}%" for name, value in per_class.items()]
+    lines = []
+    if summary.get("val_accuracy") is not None:
+        lines.append(f"validation accuracy: {percent(summary['val_accuracy'])} (held-out training images)")
+    lines.append(f"test accuracy: {percent(summary['test_accuracy'])} (whole test set)")
+    lines += [f"  {name:<{width}}  {percent(value):>7}" for name, value in per_class.items()]
     return "\n".join(lines)
 
 

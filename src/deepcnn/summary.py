@@ -20,7 +20,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from deepcnn.errors import UserError, report
+from deepcnn.errors import UserError, print_error
 from deepcnn.files import replaced_on_success
 
 matplotlib.use("Agg")
@@ -329,6 +329,6 @@ class SummarizeSweep(Callback):
             sweep = read_sweep(config.hydra.sweep.dir)
             write_summary(sweep)
         except UserError as err:
-            report(err)
+            print_error(err)
             return
         print(best_line(sweep))

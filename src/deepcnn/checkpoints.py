@@ -1,0 +1,114 @@
+"""Checkpoints: what one holds, writing it whole, reading it as data, and the settings a resume must keep.
+
+A deepcnn checkpoint is a Lightning checkpoint whose hyperparameters are the configs the run was built
+from (model, optimizer, scheduler, loss, classes, input size), so it rebuilds its own network; the data
+module's state adds the settings that decide the data order.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from deepcnn.errors import CheckpointError
+from deepcnn.files import replaced_on_success
+from deepcnn.module import Classifier
+
+# The hyperparameters that rebuild a Classifier; a run resumed with any of them changed is another run.
+BUILD_KEYS = ("model", "optimizer", "scheduler", "loss", "classes", "input_size")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or not set(BUILD_KEYS) <= set(hparams):
+        raise CheckpointError(f"{path}: not a deepcnn checkpoint (no deepcnn model settings in it)")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file, syncs it, then renames it over the old one, so a write
+    cut off midway leaves the previous checkpoint whole; reads one as data (see read_checkpoint)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with replaced_on_success(path) as partial, open(partial, "wb") as out:
+            torch.save(checkpoint, out)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path)
+
+
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}: settings named as on the command line."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def refuse_changed_settings(path, saved: dict, current: dict) -> None:
+    """A resumed run keeps the settings its checkpoint was trained with: name the first one that differs.
+    Keys the checkpoint does not hold (written by an older version) are not compared."""
+    saved, current = flatten(saved), flatten(current)
+    for key in sorted(set(saved) | set(current)):
+        if key in saved and saved.get(key) != current.get(key):
+            now = current.get(key, "no such setting")
+            raise CheckpointError(f"{path}: was trained with {key}={saved[key]}, but this run has {key}={now}; "
+                                  "resume with the settings it was trained with, or start a new run from its "
+                                  f"weights with init_from={path}")
+
+
+def check_resumable(path: str | Path, hparams: dict) -> None:
+    """Resuming continues the checkpoint's run: the network, classes, optimizer, schedule and loss must be its own."""
+    saved = read_checkpoint(path)["hyper_parameters"]
+    refuse_changed_settings(path, {k: saved[k] for k in BUILD_KEYS}, {k: hparams[k] for k in BUILD_KEYS})
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """A Classifier from a deepcnn checkpoint, in evaluation mode, or a CheckpointError saying what is wrong."""
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    try:
+        classifier = Classifier(**{k: hparams[k] for k in BUILD_KEYS}, tta=hparams.get("tta", 0))
+    except Exception as err:
+        raise CheckpointError(f"{path}: the model it names cannot be built ({type(err).__name__}: {err})") from None
+    load_weights(classifier, checkpoint, path)
+    classifier.on_load_checkpoint(checkpoint)
+    return classifier.eval()
+
+
+def load_weights(classifier: Classifier, checkpoint: dict, path: str | Path) -> None:
+    try:
+        classifier.load_state_dict(checkpoint["state_dict"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: its weights do not fit the network of this run ({err})") from None
+
+
+def resolve_resume(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """ckpt_path=auto: the run directory's last checkpoint when it has one, else a fresh start."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def run_directory(ckpt_path: str | None, default: Path) -> Path:
+    """A resumed run carries on in the run directory its checkpoint belongs to."""
+    if ckpt_path:
+        ckpt = Path(ckpt_path)
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent
+    return default

@@ -1,0 +1,72 @@
+"""What every entry script shares: the config resolvers it needs, and errors reported as one line.
+
+Entry scripts call `run(main)` on their Hydra main function, whose task runs inside
+`errors.reported_errors()`. Mistakes that Hydra itself finds (an unknown key or option, a malformed
+override) end as deepcnn's own UserErrors do: one line on stderr and exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+# Hydra plugins that are optional extras of pyproject.toml, by the config option that names them.
+PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "cluster",
+                 "hydra/launcher/submitit_local": "cluster", "hydra/launcher/submitit_slurm": "cluster"}
+_claimed: dict[str, str] = {}
+
+
+def unique_dir(path: str) -> str:
+    """`path`, created now, or `path_1`, `path_2`, ... when it is taken: two runs started in the same second
+    never share a folder. The same answer for the same `path` within a process, however often it is resolved."""
+    if path not in _claimed:
+        base, suffix = Path(path), 0
+        base.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
+            try:
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                suffix += 1
+        _claimed[path] = str(candidate)
+    return _claimed[path]
+
+
+def run_name(override_dirname: str, limit: int = 200) -> str:
+    """A run's name from its overrides ("optimizer.lr=0.05,seed=1"), usable as one folder name: no "/",
+    and long ones cut short with a digest of the whole, since a file name holds at most 255 bytes."""
+    name = override_dirname.replace("/", "_") or "run"
+    if len(name.encode()) > limit:
+        name = f"{name.encode()[:limit - 9].decode(errors='ignore')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
+def one_line(err: Exception) -> str:
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    for option, extra in PLUGIN_EXTRAS.items():
+        if f"Could not find '{option}'" in text:
+            text += f" ({option} is a Hydra plugin that comes with an extra: pip install -e '.[{extra}]')"
+    return text
+
+
+def run(main: Callable[[], object]) -> None:
+    # Hydra would print its own report and exit 1; deepcnn reports instead.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"deepcnn: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,111 @@
+"""Optimizers from config: parameter groups described by rules, and Muon beside a second optimizer.
+
+An optimizer config is a partial (`_partial_: true`) that takes the parameter groups, plus a list of
+rules under `param_groups`. A rule selects parameters by what they are and scales their learning rate
+or weight decay, so a preset's groups live in its YAML, not in code:
+
+    param_groups:
+      - {select: norm_biases, lr_scale: 64, weight_decay_scale: 0.015625}
+      - {select: norms_and_biases, weight_decay: 0.0}
+
+The first rule that selects a parameter decides its group; the rest keep the optimizer's settings.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from deepcnn.errors import SettingsError
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+SELECTORS: dict[str, Callable[[nn.Module, str, torch.Tensor], bool]] = {
+    "norm_biases": lambda owner, name, p: isinstance(owner, NORMS) and name == "bias",
+    "norms_and_biases": lambda owner, name, p: isinstance(owner, NORMS) or name == "bias",
+    "matrices": lambda owner, name, p: p.ndim >= 2 and not isinstance(owner, NORMS),
+    "all": lambda owner, name, p: True,
+}
+RULE_KEYS = {"select", "lr_scale", "weight_decay", "weight_decay_scale"}
+
+
+def check_rules(rules: Iterable[dict]) -> list[dict]:
+    rules = [dict(rule) for rule in rules]
+    for number, rule in enumerate(rules):
+        unknown = set(rule) - RULE_KEYS
+        if unknown:
+            raise SettingsError(f"optimizer.param_groups[{number}]: unknown key {sorted(unknown)[0]!r}; "
+                                f"a rule takes {', '.join(sorted(RULE_KEYS))}")
+        if rule.get("select") not in SELECTORS:
+            raise SettingsError(f"optimizer.param_groups[{number}].select: got {rule.get('select')!r}; "
+                                f"choose one of {', '.join(SELECTORS)}")
+    return rules
+
+
+def parameter_groups(model: nn.Module, rules: Iterable[dict]) -> list[dict]:
+    """The trainable parameters of `model` in groups: one per rule that selects any, then the rest.
+    A group carries its rule's options; `scale_groups` turns the scales into values once the
+    optimizer has filled in its own settings."""
+    rules = check_rules(rules)
+    groups = [{"params": [], **{k: v for k, v in rule.items() if k != "select"}} for rule in rules] + [{"params": []}]
+    for owner in model.modules():
+        for name, p in owner.named_parameters(recurse=False):
+            if p.requires_grad:
+                number = next((i for i, rule in enumerate(rules) if SELECTORS[rule["select"]](owner, name, p)),
+                              len(rules))
+                groups[number]["params"].append(p)
+    return [group for group in groups if group["params"]]
+
+
+def scale_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    for group in optimizer.param_groups:
+        group["lr"] *= group.pop("lr_scale", 1.0)
+        group["weight_decay"] = group.get("weight_decay", 0.0) * group.pop("weight_decay_scale", 1.0)
+    return optimizer
+
+
+class Combined(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, stepped as one: one closure evaluation, then each
+    steps its own parameters. Its param_groups are theirs, so a learning-rate scheduler drives all of
+    them, and one state dict holds all of their state."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([group for optimizer in optimizers for group in optimizer.param_groups], {})
+        self._share()
+
+    def _share(self) -> None:
+        start = 0
+        for optimizer in self.optimizers:
+            count = len(optimizer.param_groups)
+            optimizer.param_groups = self.param_groups[start : start + count]
+            optimizer.state = self.state
+            start += count
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+
+def muon(params: Iterable[dict], rest: Callable[[list[dict]], torch.optim.Optimizer], lr: float = 0.02,
+         momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
+         adjust_lr_fn: str | None = None) -> Combined:
+    """torch.optim.Muon for the 2-D weights (linear layers, and convolutions, whose weights deepcnn keeps as
+    out_channels x (in_channels * kh * kw) matrices), `rest` (a partial optimizer) for every other parameter."""
+    groups = list(params)
+    matrices = [{**g, "params": [p for p in g["params"] if p.ndim == 2]} for g in groups]
+    others = [{**g, "params": [p for p in g["params"] if p.ndim != 2]} for g in groups]
+    parts = [torch.optim.Muon([g for g in matrices if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)]
+    if any(g["params"] for g in others):
+        parts.append(rest([g for g in others if g["params"]]))
+    return Combined(parts)

@@ -1,0 +1,99 @@
+"""Settings a run cannot use stop it before any work: one line naming the key and what it may be, exit
+code 2; Hydra's own findings (an unknown key or option) end the same way."""
+import importlib.util
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from conftest import ROOT, run_cli
+from deepcnn import cli, settings  # noqa: F401  (cli registers the config resolvers)
+from deepcnn.errors import SettingsError
+
+# (override, the message's key and what it got, what the message says the key may be)
+BAD = [
+    ("data.batch_size=0", "data.batch_size: got 0", "an integer >= 1"),
+    ("data.batch_size=-8", "data.batch_size: got -8", "an integer >= 1"),
+    ("data.batch_size=abc", "data.batch_size: got 'abc'", "an integer >= 1"),
+    ("data.batch_size=12.5", "data.batch_size: got 12.5", "an integer >= 1"),
+    ("data.eval_batch_size=0", "data.eval_batch_size: got 0", "an integer >= 1"),
+    ("data.crop_size=40", "data.crop_size: got 40", "an integer from 8 to 32"),
+    ("data.crop_size=4", "data.crop_size: got 4", "an integer from 8 to 32"),
+    ("data.prefetch=0", "data.prefetch: got 0", "an integer >= 1"),
+    ("data.prefetch=-1", "data.prefetch: got -1", "an integer >= 1"),
+    ("data.val_size=-5", "data.val_size: got -5", "an integer >= 0"),
+    ("data.download=maybe", "data.download: got 'maybe'", "true or false"),
+    ("data.augment.flip_prob=1.5", "data.augment.flip_prob: got 1.5", "a number in [0, 1]"),
+    ("data.augment.pad=-1", "data.augment.pad: got -1", "an integer from 0 to 31"),
+    ("data.augment.max_brightness=-3", "data.augment.max_brightness: got -3", "a number >= 0"),
+    ("data.augment.contrast=[1.8,0.2]", "data.augment.contrast: got [1.8, 0.2]", "null or [low, high]"),
+    ("trainer.max_steps=0", "trainer.max_steps: got 0", "an integer >= 1"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps: got 0", "an integer >= 1"),
+    ("trainer.val_check_interval=30000", "trainer.val_check_interval: got 30000",
+     "an integer from 1 to trainer.max_steps (20000)"),
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches: got 2", "1 (deepcnn counts optimizer"),
+    ("optimizer.lr=0", "optimizer.lr: got 0", "a number > 0"),
+    ("optimizer.lr=-0.1", "optimizer.lr: got -0.1", "a number > 0"),
+    ("optimizer.momentum=1", "optimizer.momentum: got 1", "a number in [0, 1)"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay: got -1", "a number >= 0"),
+    ("scheduler.decay_rate=0", "scheduler.decay_rate: got 0", "a number > 0"),
+    ("scheduler.decay_steps=0", "scheduler.decay_steps: got 0", "an integer >= 1"),
+    ("loss.label_smoothing=1.2", "loss.label_smoothing: got 1.2", "a number in [0, 1)"),
+    ("model.channels=0", "model.channels: got 0", "an integer >= 1"),
+    ("model.hidden=[384,0]", "model.hidden: got [384, 0]", "a non-empty list of integers >= 1"),
+    ("tta=3", "tta: got 3", "an integer from 0 to 2"),
+    ("seed=-1", "seed: got -1", "an integer >= 0"),
+    ("+scheduler.warmup=10", "scheduler.warmup: unknown key",
+     "deepcnn.schedules.Exponential takes decay_rate, decay_steps, staircase"),
+    ("+optimizer.betas=[0.9,0.99]", "optimizer.betas: unknown key", "torch.optim.SGD takes"),
+    ("+model.input_size=32", "model.input_size: set by deepcnn from data.crop_size", "leave it out"),
+    ("+data.augment.hue=0.1", "data.augment.hue: unknown distortion", "data.augment takes random_crop, pad"),
+]
+
+
+def optuna_sweeper_installed() -> bool:
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["run_dir=unused", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("override,named,allowed", BAD, ids=[case[0] for case in BAD])
+def test_bad_setting_is_named_with_what_it_may_be(override, named, allowed):
+    cfg = composed(override)
+    with pytest.raises(SettingsError) as err:
+        settings.check(cfg)
+        from deepcnn.datamodule import CifarDataModule  # the augment keys are the data module's to refuse
+        CifarDataModule(**{k: v for k, v in cfg.data.items() if k != "_target_"})
+    assert str(err.value).startswith(named) and allowed in str(err.value)
+
+
+def test_presets_pass_the_checks():
+    for experiment in ("recipe", "deep", "fast"):
+        settings.check(composed(f"experiment={experiment}"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
+    ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
+    ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
+                        "'scheduler':; constant; cosine; deep; exponential; triangle"),
+    pytest.param("hydra/sweeper=optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
+                 "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
+                     optuna_sweeper_installed(),
+                     reason="the sweep extra is installed")),
+])
+def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override, message, tmp_path):
+    result = run_cli("train.py", override, f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "no-data" not in result.stderr  # stopped before looking for the data
