@@ -1,9 +1,8 @@
 """Classify image files: python src/predict.py ckpt_path=PATH input=FILE_OR_FOLDER [output=FILE]
 
-Writes CSV rows of path, class and probability to stdout, or to output=FILE.
+Writes CSV rows of path, class and probability to stdout, or to output=FILE (its folder created if
+missing), which is written whole at the end and never over the checkpoint or an input.
 """
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -15,11 +14,7 @@ from deepcnn.predict import predict
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     with reported_errors():
-        if cfg.output is None:
-            predict(cfg.ckpt_path, cfg.input, sys.stdout)
-        else:
-            with open(cfg.output, "w", newline="") as out:
-                predict(cfg.ckpt_path, cfg.input, out)
+        predict(cfg.ckpt_path, cfg.input, cfg.output)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,15 @@ def empty_class_folders(root):
     image_folder(root)
     for path in (root / "test").rglob("*.png"):
         path.unlink()
-    return ("test: no image files",)
+    return ("test/ant: an empty class folder (no image files)",)
+
+
+def one_empty_class_folder(root):
+    image_folder(root)
+    (root / "train" / "zebra" / ".DS_Store").write_bytes(b"\0not an image")
+    for path in (root / "train" / "zebra").glob("*.png"):
+        path.unlink()
+    return ("train/zebra: an empty class folder (no image files); add its images or remove it",)
 
 
 def empty_folder(root):
@@ -135,7 +143,7 @@ def empty_folder(root):
 
 
 @pytest.mark.parametrize("make", [corrupt_image, missing_test, other_classes, stray_file, empty_class_folders,
-                                  empty_folder])
+                                  one_empty_class_folder, empty_folder])
 def test_bad_folder_is_refused_and_leaves_nothing(make, tmp_path):
     words = make(tmp_path / "images")
     with pytest.raises((DataError, ImageError)) as caught:
@@ -175,6 +183,25 @@ def test_cli_names_the_bad_image_without_traceback(tmp_path):
     assert f"{tmp_path / 'images' / 'train' / 'cat' / '1.png'}: not a readable image" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("output, problem", [
+    ("images", "is the input"),
+    ("images/data", "lies inside the input folder"),
+    ("images/train/new", "lies inside the input folder"),
+    (".", "holds the input"),
+])
+def test_output_and_input_folders_never_overlap(output, problem, tmp_path):
+    image_folder(tmp_path / "images")
+    before = {path: path.read_bytes() for path in (tmp_path / "images").rglob("*") if path.is_file()}
+    result = run_cli("convert.py", "input=images", f"output={output}", f"hydra.run.dir={tmp_path / 'hydra'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert (f"deepcnn: error: {output}: {problem} images; writing it would change the input, choose another output"
+            in result.stderr)
+    assert "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in (tmp_path / "images").rglob("*") if path.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hydra", "images"]
 
 
 def write_cifar100(root, train: int = 40, test: int = 20):

@@ -5,6 +5,7 @@ import io
 import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -140,32 +141,107 @@ def outside_link(name, target):
     return info
 
 
-@pytest.mark.parametrize("member, problem", [
-    (outside_file("../evil.txt"), "'../evil.txt' would be extracted to"),
-    (outside_file(f"{CIFAR10.folder}/../../evil.txt"), "would be extracted to"),
-    (outside_link(f"{CIFAR10.folder}/passwd", "/etc/passwd"), "is a link to an absolute path"),
-    (outside_link(f"{CIFAR10.folder}/up", "../../evil.txt"), "which is outside the destination"),
+def without_data_filter(monkeypatch):
+    """tarfile as Python 3.10.0-3.10.11 and 3.11.0-3.11.3 have it: no data_filter, and an extractall that
+    takes no filter and extracts every member as it is."""
+    monkeypatch.delattr(tarfile, "data_filter")
+    extractall = tarfile.TarFile.extractall
+
+    def unfiltered(self, path=".", members=None, *, numeric_owner=False):
+        return extractall(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", unfiltered)
+
+
+@pytest.fixture(params=["data filter", "fallback"])
+def extraction(request, monkeypatch):
+    """Both ways of extracting: tarfile's 'data' filter, and the checks used where Python lacks it."""
+    if request.param == "fallback":
+        without_data_filter(monkeypatch)
+    return request.param
+
+
+def special_file(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    info.devmajor, info.devminor = 1, 3
+    return info
+
+
+@pytest.mark.parametrize("member, problem, fallback_problem", [
+    (outside_file("../evil.txt"), "'../evil.txt' would be extracted to", None),
+    (outside_file(f"{CIFAR10.folder}/../../evil.txt"), "would be extracted to", None),
+    (outside_link(f"{CIFAR10.folder}/passwd", "/etc/passwd"), "is a link to an absolute path",
+     f"'{CIFAR10.folder}/passwd' is a link; only files and folders are extracted"),
+    (outside_link(f"{CIFAR10.folder}/up", "../../evil.txt"), "which is outside the destination",
+     f"'{CIFAR10.folder}/up' is a link; only files and folders are extracted"),
+    (special_file(f"{CIFAR10.folder}/null"), f"'{CIFAR10.folder}/null' is a special file",
+     f"'{CIFAR10.folder}/null' is a special file; only files and folders are extracted"),
 ])
-def test_member_outside_the_target_is_refused(member, problem, server, tmp_path):
+def test_member_outside_the_target_is_refused(member, problem, fallback_problem, extraction, server, tmp_path):
     body = archive(tmp_path, member)
     url = serve(server, "cifar-10-binary.tar.gz", body)
     data_dir = tmp_path / "box" / "data"
     with pytest.raises(DataError) as err:
         datamodule(data_dir, url, md5(body)).prepare_data()
     assert f"{data_dir / 'cifar-10-binary.tar.gz'}: cannot be extracted safely (" in str(err.value)
-    assert problem in str(err.value)
+    assert (fallback_problem if extraction == "fallback" and fallback_problem else problem) in str(err.value)
     assert_nothing_left(data_dir)
     assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["data"]
     assert_retry_succeeds(server, data_dir, archive(tmp_path))
 
 
-def test_absolute_member_stays_inside_the_target(server, tmp_path):
-    # tarfile's 'data' filter strips the leading '/', so the member lands in the temporary folder and goes with it.
+def test_absolute_member_never_lands_outside_the_target(extraction, server, tmp_path):
+    # tarfile's 'data' filter strips the leading '/', so the member lands in the temporary folder and goes
+    # with it; the fallback refuses the archive.
     target = tmp_path / "absolute-evil.txt"
     body = archive(tmp_path, outside_file(str(target)))
     data_dir = tmp_path / "data"
+    if extraction == "fallback":
+        with pytest.raises(DataError) as err:
+            datamodule(data_dir, serve(server, "cifar-10-binary.tar.gz", body), md5(body)).prepare_data()
+        assert f"cannot be extracted safely (member '{target}' has an absolute path)" in str(err.value)
+        assert_nothing_left(data_dir)
+        body = archive(tmp_path)
     assert_retry_succeeds(server, data_dir, body)
     assert not target.exists()
+
+
+def test_fallback_extracts_files_and_folders_only_as_plain_files(monkeypatch, server, tmp_path):
+    without_data_filter(monkeypatch)
+    folder = write_dataset(tmp_path / "source", test_records=8)
+    (folder / "test_batch.bin").chmod(0o4777)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname=CIFAR10.folder)
+    data_dir = tmp_path / "data"
+    assert_retry_succeeds(server, data_dir, buffer.getvalue())
+    extracted = data_dir / CIFAR10.folder
+    for path in folder.iterdir():
+        assert (extracted / path.name).read_bytes() == path.read_bytes()
+    # written afresh: no set-user-id or world-writable bit comes from the archive
+    assert (extracted / "test_batch.bin").stat().st_mode & 0o4002 == 0
+
+
+# Tests run as root, whom permission bits do not stop: a regular file standing where a folder is needed, and
+# /proc, a folder in which no file can be created, refuse writes to every user.
+@pytest.mark.parametrize("where", ["under a file", "/proc"])
+def test_data_folder_that_cannot_be_written_is_named(where, server, tmp_path):
+    if where == "under a file":
+        (tmp_path / "file").write_text("in the way")
+        data_dir, reason = tmp_path / "file" / "data", "Not a directory"
+    else:
+        data_dir, reason = Path(where), "No such file or directory"
+        if not data_dir.is_dir():
+            pytest.skip("no /proc here")
+    body = archive(tmp_path)
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    with pytest.raises(DataError) as err:
+        datamodule(data_dir, url, md5(body)).prepare_data()
+    assert str(err.value).startswith(
+        f"no CIFAR binary batches in {data_dir}, and downloading them failed: {data_dir}: cannot be written "
+        f"({reason}); the download needs a folder it can write to.")
+    assert server.requests == []
 
 
 def test_failed_download_is_reported_without_traceback(server, tmp_path):

@@ -7,10 +7,11 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import make_classifier, run_cli
 from deepcnn import augment
 from deepcnn.errors import CheckpointError
 from deepcnn.export import export_onnx
+from deepcnn.files import OutputError
 from deepcnn.checkpoints import load_classifier
 from deepcnn.records import open_dataset
 
@@ -60,3 +61,34 @@ def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         export_onnx(bogus, tmp_path / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """An untrained network's checkpoint, holding what load_classifier reads."""
+    module = make_classifier(["cat", "dog"])
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["the same path", "another spelling of it"])
+def test_export_never_writes_over_its_checkpoint(spelling, small_checkpoint, tmp_path):
+    before = small_checkpoint.read_bytes()
+    output = small_checkpoint if spelling == "the same path" else tmp_path / "runs" / ".." / "model.ckpt"
+    result = run_cli("export.py", f"ckpt_path={small_checkpoint}", f"output={output}",
+                     f"hydra.run.dir={tmp_path / 'h'}")
+    assert result.returncode == 2
+    assert (f"deepcnn: error: {output}: is the input {small_checkpoint}; writing it would change the input, "
+            "choose another output") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert small_checkpoint.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h", "model.ckpt"]
+
+
+def test_export_names_an_output_folder_it_cannot_create(small_checkpoint, tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    output = tmp_path / "file" / "model.onnx"
+    with pytest.raises(OutputError) as err:
+        export_onnx(small_checkpoint, output)
+    assert str(err.value) == f"{output}: {tmp_path / 'file'} is a file, not a folder"

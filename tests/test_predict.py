@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import run_cli, write_records
 from deepcnn.errors import CheckpointError, ImageError
+from deepcnn.files import OutputError
 from deepcnn.predict import predict
 from deepcnn.records import CIFAR10
 
@@ -88,15 +89,91 @@ def test_one_file_to_an_output_file(checkpoint, tmp_path):
     assert row["path"] == str(image) and row["class"] == "green"
 
 
-def test_unusable_checkpoint_or_input_stops_before_any_output(checkpoint, tmp_path):
+def test_unusable_checkpoint_or_input_stops_before_any_output(checkpoint, tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
-    out = io.StringIO()
     with pytest.raises(CheckpointError, match=f"{image}: not a readable PyTorch checkpoint"):
-        predict(image, image, out)
+        predict(image, image)
     with pytest.raises(ImageError, match=f"{tmp_path / 'absent'}: no such file or folder"):
-        predict(checkpoint, tmp_path / "absent", out)
+        predict(checkpoint, tmp_path / "absent")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageError, match=f"{tmp_path / 'empty'}: no files in this folder"):
-        predict(checkpoint, tmp_path / "empty", out)
-    assert out.getvalue() == ""
+        predict(checkpoint, tmp_path / "empty")
+    assert capsys.readouterr().out == ""
+
+
+def predict_cli(tmp_path, *overrides):
+    return run_cli("predict.py", *overrides, f"hydra.run.dir={tmp_path / 'h'}", env=ONE_THREAD)
+
+
+def test_failing_run_leaves_an_existing_output_untouched(checkpoint, tmp_path):
+    image = tmp_path / "red.png"
+    Image.fromarray(colour_images(np.random.default_rng(3), COLOURS["red"], 1)[0]).save(image)
+    output = tmp_path / "predictions.csv"
+    output.write_text("earlier results\n")
+    result = predict_cli(tmp_path, f"ckpt_path={image}", f"input={image}", f"output={output}")
+    assert result.returncode == 2
+    assert f"deepcnn: error: {image}: not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError, match="does not exist"):
+        predict(tmp_path / "absent.ckpt", image, output)
+    with pytest.raises(ImageError, match="no such file or folder"):
+        predict(checkpoint, tmp_path / "absent", output)
+    assert output.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h", "predictions.csv", "red.png"]
+
+
+@pytest.mark.parametrize("name", ["image", "checkpoint", "inside the input folder"])
+def test_output_never_replaces_an_input(name, checkpoint, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = folder / "blue.png"
+    Image.fromarray(colour_images(np.random.default_rng(4), COLOURS["blue"], 1)[0]).save(image)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    source, output, problem = {
+        "image": (image, image, f"is the input {image}"),
+        "checkpoint": (image, ckpt, f"is the input {ckpt}"),
+        "inside the input folder": (folder, folder / "out.csv", f"lies inside the input folder {folder}"),
+    }[name]
+    before = {path: path.read_bytes() for path in (image, ckpt)}
+    result = predict_cli(tmp_path, f"ckpt_path={ckpt}", f"input={source}", f"output={output}")
+    assert result.returncode == 2
+    assert f"deepcnn: error: {output}: {problem}; writing it would change the input" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in (image, ckpt)} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["blue.png"]
+
+
+def test_missing_output_folder_is_created_and_an_impossible_one_named(checkpoint, tmp_path):
+    image = tmp_path / "green.png"
+    Image.fromarray(colour_images(np.random.default_rng(5), COLOURS["green"], 1)[0]).save(image)
+    output = tmp_path / "new" / "deeper" / "out.csv"
+    result = predict_cli(tmp_path, f"ckpt_path={checkpoint}", f"input={image}", f"output={output}")
+    assert result.returncode == 0, result.stderr
+    assert [row["class"] for row in rows(output.read_text())] == ["green"]
+
+    # A regular file where a folder is needed: no user, root included, can create a folder there.
+    (tmp_path / "file").write_text("in the way")
+    blocked = tmp_path / "file" / "sub" / "out.csv"
+    result = predict_cli(tmp_path, f"ckpt_path={checkpoint}", f"input={image}", f"output={blocked}")
+    assert result.returncode == 2
+    assert (f"deepcnn: error: {blocked}: cannot create its folder {tmp_path / 'file' / 'sub'} (Not a directory)"
+            in result.stderr)
+    assert "Traceback" not in result.stderr
+    with pytest.raises(OutputError, match=f"{tmp_path / 'new'}: is a folder; name a file to write"):
+        predict(checkpoint, image, tmp_path / "new")
+
+
+def test_readable_images_are_written_when_others_fail(checkpoint, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(colour_images(np.random.default_rng(6), COLOURS["red"], 1)[0]).save(folder / "red.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    output = tmp_path / "out.csv"
+    result = predict_cli(tmp_path, f"ckpt_path={checkpoint}", f"input={folder}", f"output={output}")
+    assert result.returncode == 2
+    assert f"{folder / 'broken.png'}: not a readable image" in result.stderr
+    assert "1 of 2 files could not be classified" in result.stderr
+    assert [(row["path"], row["class"]) for row in rows(output.read_text())] == [(str(folder / "red.png"), "red")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h", "images", "out.csv"]

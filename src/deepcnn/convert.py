@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from deepcnn.errors import DataError
+from deepcnn.files import refuse_output_over_inputs
 from deepcnn.images import files_under, read_image, visible
 from deepcnn.records import CIFAR10, MAX_CLASSES
 
@@ -26,7 +27,12 @@ def split_images(root: Path, split: str) -> dict[str, list[Path]]:
         raise DataError(f"{stray[0]}: a file outside a class folder (expected {split}/<class>/*)")
     if not entries:
         raise DataError(f"{folder}: no class folders (expected {split}/<class>/*)")
-    return {entry.name: files_under(entry) for entry in entries}
+    images = {entry.name: files_under(entry) for entry in entries}
+    empty = [name for name, files in images.items() if not files]
+    if empty:
+        raise DataError(f"{folder / empty[0]}: an empty class folder (no image files); "
+                        "add its images or remove it")
+    return images
 
 
 def check_classes(root: Path, splits: dict[str, dict[str, list[Path]]]) -> list[str]:
@@ -41,9 +47,6 @@ def check_classes(root: Path, splits: dict[str, dict[str, list[Path]]]) -> list[
         )
     if len(classes) > MAX_CLASSES:
         raise DataError(f"{root}: {len(classes)} classes; a CIFAR label byte holds at most {MAX_CLASSES}")
-    for split, images in splits.items():
-        if not any(images.values()):
-            raise DataError(f"{root / split}: no image files in its class folders")
     return classes
 
 
@@ -61,11 +64,13 @@ def convert_image_folder(source: str | Path, target: str | Path) -> dict[str, in
     """Write every image under source as CIFAR-10 binary records in target; returns the counts.
 
     Labels are indices into the sorted class names. Everything is written to a temporary folder
-    beside target and renamed into place at the end, so a failed conversion leaves no dataset.
+    beside target and renamed into place at the end, so a failed conversion leaves no dataset. Neither
+    folder may lie inside the other.
     """
     source, target = Path(source), Path(target)
     if not source.is_dir():
         raise DataError(f"{source}: no such folder")
+    refuse_output_over_inputs(target, [source])
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DataError(f"{target}: already exists and is not an empty folder; choose a new output")
     splits = {split: split_images(source, split) for split in SPLITS}

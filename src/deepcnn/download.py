@@ -59,14 +59,14 @@ def _progress(done: int, total: int) -> None:
 def extract(archive: Path, member: str, dest: Path) -> Path:
     """Extract the folder `member` of a tar archive to dest/member, all or nothing.
 
-    Extraction goes to a temporary folder beside dest with tarfile's 'data' filter, which refuses
-    members that would land outside it (absolute paths, '..', links out), then one rename.
+    Extraction goes to a temporary folder beside dest, refusing members that would land outside it
+    (absolute paths, '..', links out), then one rename.
     """
     final = dest / member
     with tempfile.TemporaryDirectory(dir=dest, prefix=".extract-") as tmp:
         try:
             with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(tmp, filter="data")
+                extract_safely(tar, Path(tmp))
         except (tarfile.TarError, OSError) as err:
             raise DownloadError(f"{archive}: cannot be extracted safely ({err})") from None
         extracted = Path(tmp) / member
@@ -78,14 +78,45 @@ def extract(archive: Path, member: str, dest: Path) -> Path:
     return final
 
 
+def extract_safely(tar: tarfile.TarFile, target: Path) -> None:
+    """Every member into target with tarfile's 'data' filter. Pythons older than 3.10.12 and 3.11.4 lack
+    it: there, only regular files and folders whose names stay inside target are accepted, and their
+    bytes are written afresh, so no link, device, owner or permission bit comes from the archive."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(target, filter="data")
+        return
+    root = target.resolve()
+    for info in tar:
+        if Path(info.name).is_absolute():
+            raise tarfile.ExtractError(f"member {info.name!r} has an absolute path")
+        path = (root / info.name).resolve()
+        if not path.is_relative_to(root):
+            raise tarfile.ExtractError(f"{info.name!r} would be extracted to {str(path)!r}, "
+                                       "which is outside the destination")
+        if info.isdir():
+            path.mkdir(parents=True, exist_ok=True)
+        elif info.isfile():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(info) as source, open(path, "wb") as out:
+                shutil.copyfileobj(source, out)
+        else:
+            kind = "link" if info.issym() or info.islnk() else "special file"
+            raise tarfile.ExtractError(f"{info.name!r} is a {kind}; only files and folders are extracted")
+
+
 def download_dataset(url: str, md5: str, dest: Path, member: str) -> Path:
     """Fetch, verify and extract into dest; the archive is removed once extracted.
 
     Processes that start together (torchrun's, a sweep's) take turns on a lock file: the first downloads,
     the others find its folder in place, instead of writing the same files at once.
     """
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest / ".download.lock", "w") as lock:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        lock = open(dest / ".download.lock", "w")
+    except OSError as err:
+        raise DownloadError(f"{dest}: cannot be written ({err.strerror}); the download needs a folder "
+                            "it can write to") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         final = dest / member
         if final.is_dir():

@@ -8,7 +8,7 @@ import onnx
 import torch
 from torch import nn
 
-from deepcnn.files import replaced_on_success
+from deepcnn.files import refuse_output_over_inputs, replaced_on_success
 from deepcnn.checkpoints import load_classifier
 from deepcnn.module import Classifier
 from deepcnn.records import CHANNELS, HEIGHT, WIDTH
@@ -32,8 +32,10 @@ class Deployed(nn.Module):
 def export_onnx(ckpt_path: str | Path, output: str | Path) -> Path:
     """Write the checkpoint's network, preprocessing included, as float32 ONNX with any batch size.
 
-    The class names, in label order, are stored in the model's metadata under "classes".
+    The class names, in label order, are stored in the model's metadata under "classes". The output
+    is never written over the checkpoint.
     """
+    refuse_output_over_inputs(output, [ckpt_path])
     module = load_classifier(ckpt_path)
     deployed = Deployed(module).eval()
     example = torch.zeros(2, CHANNELS, HEIGHT, WIDTH)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from deepcnn.errors import ImageError, print_error
+from deepcnn.files import refuse_output_over_inputs, replaced_on_success
 from deepcnn.images import files_under, read_image
 from deepcnn.checkpoints import load_classifier
 from deepcnn.module import Classifier
@@ -36,12 +38,10 @@ def classify(module: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.nda
     return top.indices.numpy(), top.values.numpy()
 
 
-def predict(ckpt_path: str | Path, source: str | Path, out: TextIO) -> None:
-    """Write a CSV row for every image file at source to out. Unreadable files are reported on
-    stderr as they come and the rest classified; an ImageError at the end says how many failed."""
-    module = load_classifier(ckpt_path)
+def write_predictions(module: Classifier, files: list[Path], out: TextIO) -> int:
+    """Write a CSV row for every file that reads as an image; unreadable ones are reported on stderr
+    as they come. Returns how many could not be read."""
     classes = module.hparams.classes
-    files = input_files(Path(source))
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(HEADER)
     failed = 0
@@ -58,6 +58,25 @@ def predict(ckpt_path: str | Path, source: str | Path, out: TextIO) -> None:
             labels, probabilities = classify(module, np.stack(images))
             writer.writerows((path, classes[label], f"{p:.6f}")
                              for path, label, p in zip(readable, labels, probabilities))
+    return failed
+
+
+def predict(ckpt_path: str | Path, source: str | Path, output: str | Path | None = None) -> None:
+    """Classify every image file at source into a CSV: the file output, or stdout when it is None.
+
+    The file is written only once the checkpoint and the input are known to be usable, to a temporary
+    file renamed over output at the end (a missing folder is created), and never over an input.
+    Unreadable images are named on stderr and the rest still written; then an ImageError says how many
+    failed."""
+    if output is not None:
+        refuse_output_over_inputs(output, [ckpt_path, source])
+    module = load_classifier(ckpt_path)
+    files = input_files(Path(source))
+    if output is None:
+        failed = write_predictions(module, files, sys.stdout)
+    else:
+        with replaced_on_success(output) as partial, open(partial, "w", newline="") as out:
+            failed = write_predictions(module, files, out)
     if failed:
         raise ImageError(f"{failed} of {len(files)} files could not be classified (named above); "
                          "the others were")
