@@ -68,10 +68,16 @@ class LocalResponseNorm(nn.Module):
         return local_response_norm(x, self.depth_radius, self.bias, self.alpha, self.beta)
 
 
-def same_max_pool(x: torch.Tensor) -> torch.Tensor:
-    """3x3 stride-2 max-pool with TensorFlow's 'SAME' padding: for even sizes the window at the
-    far edge runs one past the border, which is exactly ceil_mode with no padding."""
-    return F.max_pool2d(x, 3, 2, ceil_mode=True)
+def same_max_pool(x: torch.Tensor, side: int) -> torch.Tensor:
+    """3x3 stride-2 max-pool with TensorFlow's 'SAME' padding of square inputs `side` pixels wide:
+    ceil(side / 2) outputs a side.
+
+    TF pads an even side by 0 before and 1 after, which is ceil_mode with no padding; an odd side
+    by 1 on each side, which is padding=1 (ceil_mode then changes nothing). torch pads with -inf,
+    as TF's padding never wins the max. The side is given, not read from x, so that the padding is
+    a constant when the network is traced for ONNX export.
+    """
+    return F.max_pool2d(x, 3, 2, padding=side % 2, ceil_mode=True)
 
 
 def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
@@ -82,14 +88,16 @@ def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
 
 
 class RecipeCNN(nn.Module):
-    """conv5x5(64) -> pool -> LRN -> conv5x5(64) -> pool -> LRN -> FC 384 -> FC 192 -> FC classes."""
+    """conv5x5(64) -> pool -> LRN -> conv5x5(64) -> pool -> LRN -> FC 384 -> FC 192 -> FC classes,
+    for square inputs `input_size` pixels wide."""
 
-    def __init__(self, num_classes: int = 10, crop_size: int = 24, channels: int = 64, hidden=(384, 192)):
+    def __init__(self, num_classes: int = 10, input_size: int = 24, channels: int = 64, hidden=(384, 192)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, channels, 5, padding=2)
         self.conv2 = nn.Conv2d(channels, channels, 5, padding=2)
         self.norm = LocalResponseNorm()
-        side = math.ceil(math.ceil(crop_size / 2) / 2)
+        self.pool_sides = (input_size, math.ceil(input_size / 2))
+        side = math.ceil(self.pool_sides[1] / 2)
         sizes = [channels * side * side, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.head = nn.Linear(sizes[-1], num_classes)
@@ -97,8 +105,8 @@ class RecipeCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ReLU after the max-pool equals ReLU before it (both are monotone) on a quarter of the values.
-        x = self.norm(F.relu(same_max_pool(self.conv1(x))))
-        x = self.norm(F.relu(same_max_pool(self.conv2(x))))
+        x = self.norm(F.relu(same_max_pool(self.conv1(x), self.pool_sides[0])))
+        x = self.norm(F.relu(same_max_pool(self.conv2(x), self.pool_sides[1])))
         x = x.flatten(1)
         for layer in self.hidden:
             x = F.relu(layer(x))
