@@ -42,6 +42,27 @@ def test_lrn_gradient():
     assert torch.autograd.gradcheck(lambda t: local_response_norm(t, depth_radius=2), (x,))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_lrn_computes_in_float32_under_bf16_autocast(device, dtype):
+    # The denominator 2 + 1e-3 * sum(x^2) lies in [2, 3.4] here, where bf16's spacing is 1/64: computed
+    # in bf16, as autocast would, the output is off by up to 1% (float32 input) or 1.2% (bf16 input).
+    values = torch.randn(4, 64, 6, 6, generator=torch.Generator().manual_seed(2)).mul(6).bfloat16().double()
+    x = values.to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(4, 64 * 6 * 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = local_response_norm(x)
+    y.flatten(1).backward(grad.to(device, torch.float32))
+    reference = values.clone().requires_grad_()
+    local_response_norm(reference).flatten(1).backward(grad)
+    assert y.dtype == torch.float32 and x.grad.dtype == dtype
+    np.testing.assert_allclose(y.detach().cpu().numpy(), np_lrn(values.numpy()), rtol=1e-5)
+    # A bf16 input gets its gradient rounded to bf16 (2^-9 relative), and only that.
+    rtol = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(x.grad.cpu().double(), reference.grad, rtol=rtol, atol=1e-6)
+
+
 def np_same_max_pool(x, kernel=3, stride=2):
     # tf.nn.max_pool(padding="SAME"): ceil(n / stride) outputs per axis, pad_total = max((out - 1) * stride
     # + kernel - n, 0), pad_total // 2 before, the rest after; padding never wins, so windows are clipped.
