@@ -41,12 +41,56 @@ def test_lrn_gradient():
     assert torch.autograd.gradcheck(lambda t: local_response_norm(t, depth_radius=2), (x,))
 
 
-def test_same_max_pool_matches_tensorflow_padding():
-    # TF 'SAME', 3x3 stride 2 on 24: 12 outputs, windows [2i, 2i+2], the last clipped at the border.
-    x = np.random.default_rng(1).normal(size=(1, 1, 24, 24))
-    got = same_max_pool(torch.from_numpy(x)).numpy()
-    expected = np.array([[x[0, 0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max() for j in range(12)] for i in range(12)])
-    np.testing.assert_array_equal(got[0, 0], expected)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_lrn_computes_in_float32_under_bf16_autocast(device, dtype):
+    # The denominator 2 + 1e-3 * sum(x^2) lies in [2, 3.4] here, where bf16's spacing is 1/64: computed
+    # in bf16, as autocast would, the output is off by up to 1% (float32 input) or 1.2% (bf16 input).
+    values = torch.randn(4, 64, 6, 6, generator=torch.Generator().manual_seed(2)).mul(6).bfloat16().double()
+    x = values.to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(4, 64 * 6 * 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = local_response_norm(x)
+    y.flatten(1).backward(grad.to(device, torch.float32))
+    reference = values.clone().requires_grad_()
+    local_response_norm(reference).flatten(1).backward(grad)
+    assert y.dtype == torch.float32 and x.grad.dtype == dtype
+    np.testing.assert_allclose(y.detach().cpu().numpy(), np_lrn(values.numpy()), rtol=1e-5)
+    # A bf16 input gets its gradient rounded to bf16 (2^-9 relative), and only that.
+    rtol = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(x.grad.cpu().double(), reference.grad, rtol=rtol, atol=1e-6)
+
+
+def np_same_max_pool(x, kernel=3, stride=2):
+    # tf.nn.max_pool(padding="SAME"): ceil(n / stride) outputs per axis, pad_total = max((out - 1) * stride
+    # + kernel - n, 0), pad_total // 2 before, the rest after; padding never wins, so windows are clipped.
+    def layout(n):
+        out = -(-n // stride)
+        return out, max((out - 1) * stride + kernel - n, 0) // 2
+
+    (rows, top), (cols, left) = layout(x.shape[2]), layout(x.shape[3])
+    out = np.empty(x.shape[:2] + (rows, cols), dtype=x.dtype)
+    for i in range(rows):
+        for j in range(cols):
+            r, c = i * stride - top, j * stride - left
+            out[:, :, i, j] = x[:, :, max(r, 0) : r + kernel, max(c, 0) : c + kernel].max(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("side", [3, 4, *range(8, 33)])
+def test_same_max_pool_matches_tensorflow_padding(side):
+    # All values negative: a zero padding would win at the borders.
+    x = np.random.default_rng(1).normal(-5, 1, size=(2, 3, side, side))
+    np.testing.assert_array_equal(same_max_pool(torch.from_numpy(x), side).numpy(), np_same_max_pool(x))
+
+
+@pytest.mark.parametrize("size", range(8, 33))
+def test_recipe_cnn_any_input_size_runs_forward_and_backward(size):
+    model = RecipeCNN(num_classes=10, input_size=size, channels=8, hidden=(16, 8))
+    model(torch.randn(2, 3, size, size)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    assert model.hidden[0].in_features == 8 * math.ceil(size / 4) ** 2
 
 
 def test_recipe_cnn_shapes_and_init():

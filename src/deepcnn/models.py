@@ -18,33 +18,41 @@ def power(d: torch.Tensor, exponent: float) -> torch.Tensor:
     """d ** exponent; the recipe's -0.75 as rsqrt(d) * sqrt(rsqrt(d)), which is 3-4x faster than pow on the CPU."""
     if exponent == -0.75:
         inverse_root = d.rsqrt()
-        return inverse_root * inverse_root.sqrt()
+        return inverse_root.sqrt().mul_(inverse_root)
     return d.pow(exponent)
 
 
 class _LocalResponseNorm(torch.autograd.Function):
     """y = x * d^-beta, d = bias + alpha * band(x^2), with a hand-written backward:
     dx = g * d^-beta - 2 * alpha * beta * x * band(g * x * d^-beta / d). It saves half the
-    kernels of autograd's version of the same formula, which matters at a few ms a step."""
+    kernels of autograd's version of the same formula, which matters at a few ms a step.
+
+    Autocast is off in both directions: in bf16 the matmul would round d, which sits near 2 where
+    bf16's spacing is 1/64, and lose most of its data-dependent term.
+    """
 
     @staticmethod
     def forward(ctx, x, depth_radius, bias, alpha, beta):
-        band = channel_band(x.shape[1], depth_radius, x)
-        x_last = x.permute(0, 2, 3, 1)  # channels innermost: a plain view in channels_last memory
-        d = torch.matmul(x_last * x_last, band).mul_(alpha).add_(bias)
-        scale = power(d, -beta)
+        with torch.autocast(x.device.type, enabled=False):
+            band = channel_band(x.shape[1], depth_radius, x)
+            x_last = x.permute(0, 2, 3, 1)  # channels innermost: a plain view in channels_last memory
+            # alpha scales the 64x64 band rather than the activations: one pass fewer over them.
+            d = torch.matmul(x_last * x_last, band * alpha).add_(bias)
+            scale = power(d, -beta)
+            y = x_last * scale
         ctx.save_for_backward(x_last, d, scale, band)
         ctx.alpha_beta = alpha * beta
-        return (x_last * scale).permute(0, 3, 1, 2)
+        return y.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         x_last, d, scale, band = ctx.saved_tensors
-        # After the flatten, the gradient arrives in NCHW order; a batched matmul over a strided view
-        # would copy the band matrix once per row, far more than copying the gradient once.
-        g_scaled = grad.permute(0, 2, 3, 1).contiguous() * scale
-        window = torch.matmul(g_scaled * x_last / d, band)
-        dx = torch.addcmul(g_scaled, x_last, window, value=-2 * ctx.alpha_beta)
+        with torch.autocast(grad.device.type, enabled=False):
+            # After the flatten, the gradient arrives in NCHW order; a batched matmul over a strided view
+            # would copy the band matrix once per row, far more than copying the gradient once.
+            g_scaled = grad.permute(0, 2, 3, 1).contiguous() * scale
+            window = torch.matmul((g_scaled * x_last).div_(d), band)
+            dx = g_scaled.addcmul_(x_last, window, value=-2 * ctx.alpha_beta)
         return dx.permute(0, 3, 1, 2), None, None, None, None
 
 
@@ -54,8 +62,10 @@ def local_response_norm(x: torch.Tensor, depth_radius: int = 5, bias: float = 2.
 
     The channel window sum is one matmul with a banded 0/1 matrix over the channel axis, which is
     the innermost axis in channels_last memory: far faster than torch's pooling-based version, and
-    alpha is not divided by the window size as torch.nn.LocalResponseNorm does.
+    alpha is not divided by the window size as torch.nn.LocalResponseNorm does. Inputs narrower
+    than float32 (bf16 under autocast) are computed and returned in float32.
     """
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     return _LocalResponseNorm.apply(x, depth_radius, bias, alpha, beta)
 
 
@@ -68,10 +78,16 @@ class LocalResponseNorm(nn.Module):
         return local_response_norm(x, self.depth_radius, self.bias, self.alpha, self.beta)
 
 
-def same_max_pool(x: torch.Tensor) -> torch.Tensor:
-    """3x3 stride-2 max-pool with TensorFlow's 'SAME' padding: for even sizes the window at the
-    far edge runs one past the border, which is exactly ceil_mode with no padding."""
-    return F.max_pool2d(x, 3, 2, ceil_mode=True)
+def same_max_pool(x: torch.Tensor, side: int) -> torch.Tensor:
+    """3x3 stride-2 max-pool with TensorFlow's 'SAME' padding of square inputs `side` pixels wide:
+    ceil(side / 2) outputs a side.
+
+    TF pads an even side by 0 before and 1 after, which is ceil_mode with no padding; an odd side
+    by 1 on each side, which is padding=1 (ceil_mode then changes nothing). torch pads with -inf,
+    as TF's padding never wins the max. The side is given, not read from x, so that the padding is
+    a constant when the network is traced for ONNX export.
+    """
+    return F.max_pool2d(x, 3, 2, padding=side % 2, ceil_mode=True)
 
 
 def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
@@ -82,14 +98,16 @@ def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
 
 
 class RecipeCNN(nn.Module):
-    """conv5x5(64) -> pool -> LRN -> conv5x5(64) -> pool -> LRN -> FC 384 -> FC 192 -> FC classes."""
+    """conv5x5(64) -> pool -> LRN -> conv5x5(64) -> pool -> LRN -> FC 384 -> FC 192 -> FC classes,
+    for square inputs `input_size` pixels wide."""
 
     def __init__(self, num_classes: int = 10, input_size: int = 24, channels: int = 64, hidden=(384, 192)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, channels, 5, padding=2)
         self.conv2 = nn.Conv2d(channels, channels, 5, padding=2)
         self.norm = LocalResponseNorm()
-        side = math.ceil(math.ceil(input_size / 2) / 2)
+        self.pool_sides = (input_size, math.ceil(input_size / 2))
+        side = math.ceil(self.pool_sides[1] / 2)
         sizes = [channels * side * side, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
         self.head = nn.Linear(sizes[-1], num_classes)
@@ -97,8 +115,8 @@ class RecipeCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ReLU after the max-pool equals ReLU before it (both are monotone) on a quarter of the values.
-        x = self.norm(F.relu(same_max_pool(self.conv1(x))))
-        x = self.norm(F.relu(same_max_pool(self.conv2(x))))
+        x = self.norm(F.relu(same_max_pool(self.conv1(x), self.pool_sides[0])))
+        x = self.norm(F.relu(same_max_pool(self.conv2(x), self.pool_sides[1])))
         x = x.flatten(1)
         for layer in self.hidden:
             x = F.relu(layer(x))
