@@ -9,8 +9,8 @@ from conftest import run_cli, write_dataset
 from deepcnn.checkpoints import read_checkpoint
 from deepcnn.errors import CheckpointError
 
-TINY_RUN = ("data.batch_size=16", "data.eval_batch_size=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            "data.download=false")
+TINY_RUN = ("data.batch_size=16", "data.eval_batch_size=16", "data.val_size=32", "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "data.download=false")
 PRESETS = {"recipe": (), "fast": ("experiment=fast", "model.widths=[8,8,8]")}
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -99,8 +100,11 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted_run(signum, data, re
     assert returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr
     assert f"deepcnn: {signal.Signals(signum).name} received; stopping after this step" in stderr
-    stopped = int(re.search(r"deepcnn: stopped at step (\d+); resume with python src/train.py "
-                            rf"ckpt_path={re.escape(str(run_dir / 'checkpoints' / 'last.ckpt'))}", stderr).group(1))
+    found = re.search(r"deepcnn: stopped at step (\d+); resume with (python src/train.py .*)", stderr)
+    stopped, command = int(found.group(1)), shlex.split(found.group(2))
+    # The command repeats the run's own settings (its data folder among them) and names the checkpoint.
+    assert f"data.data_dir={data}" in command and "optimizer.lr=0.1" in command
+    assert command[-1] == f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
     assert 3 <= stopped < MAX_STEPS
     assert not (run_dir / "results.json").exists()
     saved = checkpoint(run_dir)
@@ -109,8 +113,7 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted_run(signum, data, re
     assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(
         LR * DECAY_RATE ** (stopped // DECAY_STEPS), rel=1e-12)
 
-    resumed = run_cli("train.py", *train_args(data, tmp_path / "resume-log"),
-                      f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    resumed = run_cli("train.py", *command[2:], f"hydra.run.dir={tmp_path / 'resume-log'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The resumed run carries on at the next step with the same losses and learning rates that the
     # uninterrupted run printed from there on: same step count, LR schedule, data order and distortions.
@@ -118,7 +121,9 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted_run(signum, data, re
     assert_same_run(run_dir, reference_dir, skip_accuracy_at=stopped)
 
 
-@pytest.mark.parametrize("setting, saved, now", [("data.batch_size", 16, 8), ("seed", 7, 8)])
+@pytest.mark.parametrize("setting, saved, now", [("data.batch_size", 16, 8), ("seed", 7, 8), ("optimizer.lr", 0.1, 0.2),
+                                                 ("scheduler.decay_steps", 5, 6), ("loss.label_smoothing", 0.0, 0.1),
+                                                 ("data.augment.pad", 0, 2)])
 def test_resume_refuses_another_data_order(setting, saved, now, data, reference, tmp_path):
     copy = tmp_path / "run" / "checkpoints" / "last.ckpt"
     copy.parent.mkdir(parents=True)
@@ -126,9 +131,9 @@ def test_resume_refuses_another_data_order(setting, saved, now, data, reference,
     result = run_cli("train.py", *train_args(data, tmp_path / "log"), f"{setting}={now}", f"ckpt_path={copy}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    key = setting.split(".")[-1]
-    assert (f"deepcnn: error: {copy}: was trained with {key} {saved}, but this run has {now}; resume with the "
-            "settings it was trained with") in result.stderr
+    assert (f"deepcnn: error: {copy}: was trained with {setting}={saved}, but this run has {setting}={now}; resume "
+            f"with the settings it was trained with, or start a new run from its weights with init_from={copy}"
+            ) in result.stderr
     assert not (tmp_path / "run" / "results.json").exists()
 
 
@@ -190,8 +195,9 @@ def test_divergence_stops_naming_the_step_and_keeps_last_good_checkpoint(data, t
     result = run_cli("train.py", *train_args(data, run_dir, "optimizer.lr=1e30", "checkpoint_every_n_steps=1"))
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
-    found = re.search(r"deepcnn: error: loss became (nan|inf|-inf) at step (\d+); stopped, the last good "
-                      r"checkpoint is kept \(lower optimizer.lr, or resume from that checkpoint\)", result.stderr)
+    found = re.search(r"deepcnn: error: loss became (nan|inf|-inf) at step (\d+); stopped, the last checkpoint "
+                      rf"\({re.escape(str(run_dir / 'checkpoints' / 'last.ckpt'))}\) is kept \(lower optimizer.lr\)",
+                      result.stderr)
     assert found, result.stderr[-3000:]
     diverged = int(found.group(2))
     lines = progress(result.stdout)

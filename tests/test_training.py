@@ -1,5 +1,7 @@
 """Training end to end through the command line: a short real run, and a sweep."""
+import csv
 import json
+import statistics
 import sys
 
 import pytest
@@ -85,3 +87,33 @@ def test_progress_is_a_rich_bar_on_a_terminal_and_plain_lines_elsewhere(terminal
     assert (trainer.progress_bar_callback is None) is not terminal
     if not terminal:
         assert next(c for c in trainer.callbacks if isinstance(c, LogLines)).every == 7
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on_with_one_table(tiny_data, tmp_path):
+    """Three learning rates, one of which diverges, times two seeds: the other runs finish, and the summary
+    has every run, the failed ones marked with their reason, and the means over seeds."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("train.py", "-m", "optimizer.lr=0.01,0.05,1e30", "seed=1,2", f"data.data_dir={tiny_data}",
+                     "data.batch_size=16", "data.val_size=32", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                     "trainer.precision=32", "model.channels=8", "model.hidden=[16,8]",
+                     f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert len(rows) == 6
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["optimizer.lr"] for r in failed} == {"1e30"} and len(failed) == 2
+    assert all("loss became" in r["reason"] for r in failed) and rows[-2:] == failed
+    done = [r for r in rows if r["status"] == "done"]
+    val = [float(r["val_accuracy"]) for r in done]
+    assert val == sorted(val, reverse=True)
+    grouped = {r["optimizer.lr"]: r for r in csv.DictReader((sweep_dir / "summary_by_seed.csv").open())}
+    for lr in ("0.01", "0.05"):
+        accuracies = [float(r["val_accuracy"]) for r in done if r["optimizer.lr"] == lr]
+        assert float(grouped[lr]["val_accuracy_mean"]) == pytest.approx(statistics.mean(accuracies))
+        assert float(grouped[lr]["val_accuracy_std"]) == pytest.approx(statistics.stdev(accuracies))
+    assert (sweep_dir / "summary.md").is_file() and (sweep_dir / "summary.png").is_file()
+    for run in sweep_dir.iterdir():
+        if run.is_dir() and (run / "results.json").exists():
+            assert json.loads((run / "results.json").read_text())["status"] in ("done", "failed")
+    names = {p.name for p in sweep_dir.glob("*/tensorboard/*")}
+    assert "optimizer.lr=0.05,seed=2" in names

@@ -23,7 +23,7 @@ from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgre
 from deepcnn.checkpoints import AtomicCheckpointIO
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
 from deepcnn.module import Classifier
-from deepcnn.precision import choose_precision
+from deepcnn.precision import detect_precision
 from deepcnn.sync_batchnorm import BatchNormSync
 
 log = logging.getLogger("deepcnn")
@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is 
 # Epoch-level values are logged from torchmetrics results, which are already reduced over all processes.
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Loggers whose packages are optional extras of pyproject.toml, by their conf/logger/ name.
 LOGGER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
 
@@ -46,11 +47,11 @@ def plain(config) -> dict | list | None:
 def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> pl.Trainer:
     interactive = sys.stdout.isatty()
     progress = StepProgressBar() if interactive else LogLines(trainer_cfg.get("log_every_n_steps", 50))
-    precision, why = choose_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    precision, why = detect_precision(trainer_cfg.precision, trainer_cfg.accelerator)
     if str(trainer_cfg.precision) == "auto":
-        log.info(f"precision {precision}: {why}")
+        log.info(f"precision {why}")
     plugins = [AtomicCheckpointIO(), *([BatchNormSync()] if trainer_cfg.get("sync_batchnorm") else [])]
-    return instantiate(trainer_cfg, precision=precision, callbacks=[progress, *callbacks], plugins=plugins,
+    return instantiate(trainer_cfg, precision=precision, callbacks=[*callbacks, progress], plugins=plugins,
                        logger=loggers or False, enable_progress_bar=interactive, default_root_dir=str(run_dir))
 
 
@@ -209,7 +210,9 @@ def train_job(cfg: DictConfig) -> float:
     """train.py's task: the run's objective, validation accuracy (test accuracy without a split).
 
     In a sweep, a run that fails is recorded as failed, with its reason, in its results.json, and the
-    sweep goes on (its objective is NaN); alone, the error reaches the command line. A signal stops a
+    sweep goes on. Hydra's basic sweeper would stop the sweep on an exception, so there the run returns
+    NaN; a sweeper that chooses the next values (Optuna) is told of the failure by the exception, which
+    it counts against its max_failure_rate. Alone, the error reaches the command line; a signal stops a
     sweep too.
     """
     try:
@@ -217,14 +220,16 @@ def train_job(cfg: DictConfig) -> float:
     except Interrupted:
         raise
     except Exception as err:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
-        run_dir = Path(cfg.run_dir)
-        reports.write_json(run_dir / "results.json", {
+        reports.write_json(Path(cfg.run_dir) / "results.json", {
             "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
             "steps": None, "train_seconds": None, "images_per_second": None})
+        if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
+            raise
         return float("nan")
     return summary[summary["objective"]]
 
