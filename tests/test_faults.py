@@ -153,7 +153,7 @@ def write_other_class_count(path):
     (write_garbage, "not a readable PyTorch checkpoint"),
     (write_cut_checkpoint, "not a readable PyTorch checkpoint"),
     (write_plain_state_dict, "not a deepcnn checkpoint (no deepcnn model settings in it)"),
-    (write_tensor, "not a deepcnn checkpoint (no deepcnn model settings in it)"),
+    (write_tensor, "not a checkpoint (it holds a Tensor, not a dict)"),
     (write_other_architecture, "its weights do not fit the model it names"),
     (write_other_class_count, "its weights do not fit the model it names"),
 ])
@@ -173,11 +173,12 @@ def test_missing_checkpoint_is_refused(tmp_path):
 
 def test_train_refuses_to_resume_from_another_network(tiny_data, tmp_path):
     path = tmp_path / "model.ckpt"
-    torch.save(lightning_checkpoint(tiny_classifier({**TINY_MODEL, "channels": 4})), path)
+    narrow = {"_target_": "deepcnn.models.RecipeCNN", "channels": 4, "hidden": [16, 8]}
+    torch.save(lightning_checkpoint(tiny_classifier(narrow)), path)
     result = run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={path}",
                      "model.channels=8", "model.hidden=[16,8]", *TINY_RUN)
     assert result.returncode == 2
-    assert (f"deepcnn: error: {path}: was trained with model {dict(TINY_MODEL, channels=4)}, but this run has "
-            f"{TINY_MODEL}; resume with the settings it was trained with") in result.stderr
+    assert (f"deepcnn: error: {path}: was trained with model.channels=4, but this run has model.channels=8; resume "
+            "with the settings it was trained with") in result.stderr
     assert "Traceback" not in result.stderr
     assert "step " not in result.stdout

@@ -33,7 +33,11 @@ def test_tensorboard_and_csv_record_the_curves_and_the_runs_hparams(tiny_data, t
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
             scalars[tag] = [e.value for e in accumulator.Scalars(tag)]
-        for content in accumulator.PluginTagToContent("hparams").values():
+        try:
+            contents = accumulator.PluginTagToContent("hparams").values()
+        except KeyError:  # an events file without the HPARAMS summary
+            contents = []
+        for content in contents:
             data = plugin_data_pb2.HParamsPluginData.FromString(content)
             if data.HasField("session_start_info"):
                 hparams.update({k: v.string_value or v.number_value for k, v in data.session_start_info.hparams.items()})

@@ -183,7 +183,7 @@ def test_batch_transfer_keeps_labels_with_their_images(seed, n, step):
     module = CifarDataModule(data_dir="unused", crop_size=24, seed=seed)
     images = uint8_images(seed, n)
     labels = torch.from_numpy(np.random.default_rng(seed).integers(0, 10, n))
-    x, got = module.on_after_batch_transfer((images, labels, torch.tensor(step), None), 0)
+    x, got = module.on_after_batch_transfer((images, labels, step, None), 0)
     assert got is labels and x.shape == (n, 3, 24, 24)
     x, got = module.on_after_batch_transfer((images, labels), 0)
     assert got is labels

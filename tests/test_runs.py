@@ -2,14 +2,14 @@
 phase ends with deepcnn's message, and messages say what is true."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, make_classifier, run_cli
-from deepcnn import reports
+from hydra.core.hydra_config import HydraConfig
+
+from conftest import make_classifier, run_cli
+from deepcnn import cli, reports
 from deepcnn.checkpoints import load_classifier
 from deepcnn.errors import CheckpointError
 from deepcnn.module import accuracies
@@ -23,12 +23,16 @@ def train(tiny_data, run_dir, *extra, env=None):
     return run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={run_dir}", *TINY, *extra, env=env)
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    claim = "from deepcnn.cli import unique_dir; print(unique_dir({!r}))".format(str(tmp_path / "runs" / "2026-11-29"))
-    claimed = [subprocess.run([sys.executable, "-c", claim], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout.strip() for _ in range(3)]
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))  # as when Hydra picks a run's folder
+    path = str(tmp_path / "runs" / "2026-11-29")
+    claimed = []
+    for _ in range(3):  # three processes: each starts with nothing claimed
+        monkeypatch.setattr(cli, "_claimed", {})
+        claimed.append(cli.unique_dir(path))
+        assert cli.unique_dir(path) == claimed[-1]  # resolved again in the same process: the same folder
     assert claimed == [str(tmp_path / "runs" / name) for name in ("2026-11-29", "2026-11-29_1", "2026-11-29_2")]
-    assert all(os.path.isdir(path) for path in claimed)
+    assert all(os.path.isdir(p) for p in claimed)
 
 
 def test_a_directory_holding_a_run_is_reused_only_by_a_resume(tiny_data, tmp_path):
@@ -77,7 +81,8 @@ def test_a_signal_during_the_final_test_pass_finishes_the_results_and_says_so(ti
     helpers.mkdir()
     (helpers / "signal_on_test.py").write_text(
         "import os, signal\nimport pytorch_lightning as pl\n\n\nclass SignalOnTest(pl.Callback):\n"
-        "    def on_test_start(self, trainer, pl_module):\n        os.kill(os.getpid(), signal.SIGTERM)\n")
+        "    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx):\n"
+        "        if batch_idx == 0:\n            os.kill(os.getpid(), signal.SIGTERM)\n")
     run_dir = tmp_path / "run"
     result = train(tiny_data, run_dir, "+callbacks.signal._target_=signal_on_test.SignalOnTest",
                    env={"PYTHONPATH": str(helpers)})

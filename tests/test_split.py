@@ -22,7 +22,7 @@ def held_out_and_trained(data, seed, split_seed=0, steps=40):
 
 
 def test_split_is_disjoint_fixed_by_its_own_seed_and_never_trained_on(tmp_path):
-    data = write_dataset(tmp_path / "data").parent  # 128 training records of random pixels: all distinct
+    data = write_dataset(tmp_path / "data", train_files=1, per_file=128).parent  # 128 distinct random images
     module, held_out, trained = held_out_and_trained(data, seed=1)
     assert len(held_out) == 40 and len(module.train_records) == 88
     assert held_out.isdisjoint(trained) and len(trained) == 88

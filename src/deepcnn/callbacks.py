@@ -84,11 +84,21 @@ class GracefulStop(Checkpoint):
         self.signal = signum
         print(f"\ndeepcnn: {signal.Signals(signum).name} received; stopping after this step", file=sys.stderr)
 
+    def _install(self):
+        # Lightning registers its own handlers at the start of every fit, validate and test: installed
+        # again at the start of each, these take precedence. The first ones replaced are restored at the end.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
     def on_train_start(self, trainer, pl_module):
-        # Installed here, after Lightning registers its own handlers, so these take precedence.
-        if not self._previous:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._install()
+
+    def on_validation_start(self, trainer, pl_module):
+        self._install()
+
+    def on_test_start(self, trainer, pl_module):
+        self._install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.signal is not None:

@@ -128,16 +128,17 @@ def load_classifier(path: str | Path) -> Classifier:
         classifier = Classifier(**{k: hparams[k] for k in BUILD_KEYS}, tta=hparams.get("tta", 0))
     except Exception as err:
         raise CheckpointError(f"{path}: the model it names cannot be built ({type(err).__name__}: {err})") from None
-    load_weights(classifier, checkpoint, path)
+    load_weights(classifier, checkpoint, path, "the model it names")
     classifier.on_load_checkpoint(checkpoint)
     return classifier.eval()
 
 
-def load_weights(classifier: Classifier, checkpoint: dict, path: str | Path) -> None:
+def load_weights(classifier: Classifier, checkpoint: dict, path: str | Path, network: str = "the network of this run"
+                 ) -> None:
     try:
         classifier.load_state_dict(checkpoint["state_dict"])
     except Exception as err:
-        raise CheckpointError(f"{path}: its weights do not fit the network of this run ({err})") from None
+        raise CheckpointError(f"{path}: its weights do not fit {network} ({err})") from None
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: Path) -> str | None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,7 +27,11 @@ _claimed: dict[str, str] = {}
 
 def unique_dir(path: str) -> str:
     """`path`, created now, or `path_1`, `path_2`, ... when it is taken: two runs started in the same second
-    never share a folder. The same answer for the same `path` within a process, however often it is resolved."""
+    never share a folder. The same answer for the same `path` within a process, however often it is resolved.
+    Hydra also evaluates the setting while composing, before it is known to be the one used: only once the
+    job's config is set (the moment Hydra picks the run's folder) is a folder claimed."""
+    if not HydraConfig.initialized():
+        return path
     if path not in _claimed:
         base, suffix = Path(path), 0
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +57,7 @@ def run_name(override_dirname: str, limit: int = 200) -> str:
 
 OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("min", min, replace=True)
 
 
 def one_line(err: Exception) -> str:
