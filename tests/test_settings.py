@@ -89,6 +89,10 @@ def test_presets_pass_the_checks():
                  "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
                      optuna_sweeper_installed(),
                      reason="the sweep extra is installed")),
+    pytest.param("hparams_search=recipe_optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
+                 "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
+                     optuna_sweeper_installed(),
+                     reason="the sweep extra is installed")),
 ])
 def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override, message, tmp_path):
     result = run_cli("train.py", override, f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
@@ -97,3 +101,11 @@ def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "no-data" not in result.stderr  # stopped before looking for the data
+
+
+def test_a_plugin_named_in_a_config_names_its_extra():
+    """hparams_search presets name the Optuna sweeper in their defaults, where Hydra cannot "load" it
+    (the message as Hydra 1.3 words it)."""
+    missing = "In 'hydra/sweeper/resumable_optuna': Could not load 'hydra/sweeper/optuna'."
+    assert cli.one_line(Exception(missing)) == (
+        f"{missing} (hydra/sweeper/optuna is a Hydra plugin that comes with an extra: pip install -e '.[sweep]')")

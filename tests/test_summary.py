@@ -113,6 +113,19 @@ def test_run_without_results_is_interrupted(tmp_path):
         ("0", "done", None), ("1", "interrupted", "no results.json (stopped or still running)")]
 
 
+def test_failed_run_as_train_py_writes_it_has_no_objective(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "0", ["optimizer.lr=0.1"], val_accuracy=0.7)
+    write_run(sweep, "1", ["optimizer.lr=1e30"], status="failed", reason="loss became nan at step 2", objective=None,
+              val_accuracy=None, test_accuracy=None, steps=None, train_seconds=None, images_per_second=None)
+    runs = read_sweep(sweep).runs
+    assert [(run.name, run.status, run.objective, run.score) for run in runs] == [
+        ("0", "done", "val_accuracy", 0.7), ("1", "failed", None, None)]
+    write_run(sweep, "2", ["optimizer.lr=0.2"], objective=None, val_accuracy=0.5)
+    with pytest.raises(SweepError, match=r"2/results.json: objective is None, expected one of val_accuracy"):
+        read_sweep(sweep)
+
+
 def test_runs_sort_by_test_accuracy_when_that_is_the_objective(tmp_path):
     sweep = tmp_path / "sweep"
     for name, test in (("9", 0.4), ("10", 0.8), ("11", 0.6)):

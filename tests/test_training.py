@@ -101,7 +101,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_with_one_table(tiny_dat
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert len(rows) == 6
     failed = [r for r in rows if r["status"] == "failed"]
-    assert {r["optimizer.lr"] for r in failed} == {"1e30"} and len(failed) == 2
+    assert {r["optimizer.lr"] for r in failed} == {"1e+30"} and len(failed) == 2
     assert all("loss became" in r["reason"] for r in failed) and rows[-2:] == failed
     done = [r for r in rows if r["status"] == "done"]
     val = [float(r["val_accuracy"]) for r in done]

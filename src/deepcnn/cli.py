@@ -63,7 +63,8 @@ OmegaConf.register_new_resolver("min", min, replace=True)
 def one_line(err: Exception) -> str:
     text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
     for option, extra in PLUGIN_EXTRAS.items():
-        if f"Could not find '{option}'" in text:
+        # Hydra cannot "find" an option named on the command line, or "load" one a config's defaults name.
+        if f"Could not find '{option}'" in text or f"Could not load '{option}'" in text:
             text += f" ({option} is a Hydra plugin that comes with an extra: pip install -e '.[{extra}]')"
     return text
 

@@ -40,6 +40,11 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 LOGGER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
 
 
+class RunFailed(Exception):
+    """A run of a search failed. Not a UserError: the entry script would end the whole search with its
+    one line, where the sweeper should record the run as failed and go on."""
+
+
 def plain(config) -> dict | list | None:
     return OmegaConf.to_container(config, resolve=True) if config is not None else None
 
@@ -211,9 +216,9 @@ def train_job(cfg: DictConfig) -> float:
 
     In a sweep, a run that fails is recorded as failed, with its reason, in its results.json, and the
     sweep goes on. Hydra's basic sweeper would stop the sweep on an exception, so there the run returns
-    NaN; a sweeper that chooses the next values (Optuna) is told of the failure by the exception, which
-    it counts against its max_failure_rate. Alone, the error reaches the command line; a signal stops a
-    sweep too.
+    NaN; a sweeper that chooses the next values (Optuna) is told of the failure by a RunFailed, which
+    it records and counts against its max_failure_rate. Alone, the error reaches the command line; a
+    signal stops a sweep too.
     """
     try:
         summary = train(cfg)
@@ -229,7 +234,7 @@ def train_job(cfg: DictConfig) -> float:
             "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
             "steps": None, "train_seconds": None, "images_per_second": None})
         if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
-            raise
+            raise RunFailed(reason) from err
         return float("nan")
     return summary[summary["objective"]]
 

@@ -124,7 +124,8 @@ def read_results(path: Path) -> dict:
         raise SweepError(f"{path}: has no {', '.join(missing)} (written by an older deepcnn?)")
     if results["status"] not in STATUSES:
         raise SweepError(f"{path}: status is {results['status']!r}, expected one of {', '.join(STATUSES)}")
-    if results["objective"] not in OBJECTIVES:
+    # A run that did not finish measured nothing: train.py writes its objective as null.
+    if results["objective"] not in OBJECTIVES and not (results["objective"] is None and results["status"] != "done"):
         raise SweepError(f"{path}: objective is {results['objective']!r}, expected one of {', '.join(OBJECTIVES)}")
     for key in NUMBERS:
         value = results[key]
