@@ -49,7 +49,7 @@ def peak_rss_of_training(data: Path, steps: int, run_dir: Path, overrides: list[
     whole run (which ends with a pass over the test set); and the run's seconds."""
     command = [sys.executable, str(ROOT / "src" / "train.py"), f"data.data_dir={data}", "data.download=false",
                f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={steps}",
-               f"trainer.val_check_interval={steps + 1}", f"hydra.run.dir={run_dir}", *overrides]
+               f"trainer.val_check_interval={steps}", "data.val_size=0", f"hydra.run.dir={run_dir}", *overrides]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     training_peak = 0

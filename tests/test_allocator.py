@@ -32,6 +32,7 @@ def step_faults(mode: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+@pytest.mark.slow
 def test_training_steps_reuse_freed_memory():
     _, default = step_faults("default")
     kept, faults = step_faults("keep")

@@ -22,6 +22,7 @@ def record_hashes(files) -> Counter:
     return Counter(hashlib.sha1(record.tobytes()).digest() for record in records)
 
 
+@pytest.mark.slow
 def test_converting_the_shared_jpegs_gives_the_shared_binary_batches(shared_data, tmp_path):
     with tarfile.open(shared_data / "cifar10-jpeg.tar.gz") as tar:
         tar.extractall(tmp_path / "jpeg", filter="data")

@@ -3,6 +3,7 @@ import json
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -103,6 +104,7 @@ SMALL_RUN = (
 )
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_accuracy_of_one_on_the_same_images_and_only_rank_zero_writes(
         tmp_path, shared_data):
     data = f"data.data_dir={shared_data}"

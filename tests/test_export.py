@@ -20,6 +20,7 @@ from deepcnn.records import open_dataset
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_onnx_model_gives_pytorch_top1_on_the_whole_test_set(shared_data, tmp_path):
     # No validation pass during training: the test set is read once, at the end.
     trained = run_cli("train.py", f"data.data_dir={shared_data}", "data.download=false", "data.batch_size=64",

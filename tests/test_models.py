@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepcnn.models import DeepCNN, RecipeCNN, local_response_norm, same_max_pool
+from deepcnn.models import DeepCNN, MatrixConv2d, RecipeCNN, local_response_norm, same_max_pool
 
 
 def np_lrn(x, depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75):
@@ -108,3 +108,13 @@ def test_deep_cnn_depth_from_config():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 16, 16, 32, 32, 32]
     assert model(torch.zeros(2, 3, 24, 24)).shape == (2, 7)
+
+
+def test_matrix_conv_is_a_convolution_whose_weight_is_a_matrix():
+    plain = torch.nn.Conv2d(6, 4, 3, padding=1)
+    matrix = MatrixConv2d(6, 4, 3, padding=1)
+    matrix.load_state_dict(plain.state_dict())  # a 4-D filter bank, as checkpoints before matrices held
+    assert matrix.weight.shape == (4, 54)
+    x = torch.randn(2, 6, 8, 8)
+    torch.testing.assert_close(matrix(x), plain(x))
+    torch.testing.assert_close(matrix(x.contiguous(memory_format=torch.channels_last)), plain(x))

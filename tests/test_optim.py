@@ -100,3 +100,13 @@ def test_muon_steps_the_matrices_and_the_second_optimizer_the_rest_as_torch_woul
     first_matrix = next(p for p in model.parameters() if p.ndim == 2)
     torch.testing.assert_close(again.state[first_matrix]["momentum_buffer"],
                                combined.state[first_matrix]["momentum_buffer"])
+
+
+def test_muon_takes_every_convolution_and_linear_weight_of_the_networks():
+    model = FastCNN(widths=(8, 16, 16))
+    combined = optim.muon(optim.parameter_groups(model, []), lambda groups: torch.optim.SGD(groups, lr=0.1))
+    muon, rest = combined.optimizers
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert len(convs) == 6 and all(id(c.weight) in in_muon for c in convs) and id(model.head.weight) in in_muon
+    assert all(p.ndim == 1 for g in rest.param_groups for p in g["params"])  # BatchNorm biases

@@ -7,11 +7,12 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from deepcnn.callbacks import LogLines, StepProgressBar
 from deepcnn.experiment import build_trainer
 
 
+@pytest.mark.slow
 def test_short_real_run_learns(shared_data, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("train.py", f"data.data_dir={shared_data}", "trainer.max_steps=300",
@@ -51,6 +52,7 @@ def test_sweep_makes_one_run_directory_per_value(tiny_data, tmp_path):
     assert lrs == [0.05, 0.1]
 
 
+@pytest.mark.slow
 def test_deep_preset_learns(shared_data, tmp_path):
     """experiment=deep: 200 steps reached 30.7% here (seed 42); the floor leaves room for noise."""
     run_dir = tmp_path / "deep"
@@ -62,6 +64,7 @@ def test_deep_preset_learns(shared_data, tmp_path):
     assert "deepcnn.models.DeepCNN" in config and "convs_per_block: 2" in config
 
 
+@pytest.mark.slow
 def test_fast_preset_learns(shared_data, tmp_path):
     """experiment=fast cut to 30 steps of 512 (0.3 epochs): 51.1%, 50.8% and 50.0% here (seeds 42, 1, 2);
     the floor leaves room for noise."""
@@ -117,3 +120,15 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_with_one_table(tiny_dat
             assert json.loads((run / "results.json").read_text())["status"] in ("done", "failed")
     names = {p.name for p in sweep_dir.glob("*/tensorboard/*")}
     assert "optimizer.lr=0.05,seed=2" in names
+
+
+@pytest.mark.slow
+def test_every_preset_runs_one_step(shared_data, tmp_path):
+    """python src/train.py -m 'experiment=glob(*)' debug=fdr: every experiment preset, one step each."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("train.py", "-m", "experiment=glob(*)", "debug=fdr", f"data.data_dir={shared_data}",
+                     f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
+    assert len(runs) == len(presets) and all(r["status"] == "done" and r["steps"] == 1 for r in runs)

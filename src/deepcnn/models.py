@@ -90,6 +90,30 @@ def same_max_pool(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.max_pool2d(x, 3, 2, padding=side % 2, ceil_mode=True)
 
 
+class MatrixConv2d(nn.Conv2d):
+    """A convolution whose weight is stored as an out_channels x (in_channels * kh * kw) matrix and viewed
+    as a filter bank in the forward pass: optimizers that take only matrices (torch.optim.Muon) can train
+    it, and exported graphs see an ordinary convolution."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight = nn.Parameter(self.weight.detach().reshape(self.out_channels, -1))
+
+    def filters(self) -> torch.Tensor:
+        """The weight as out_channels x in_channels x kh x kw (a view: writing to it writes the weight)."""
+        return self.weight.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.filters(), self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before weights were matrices hold 4-D filter banks.
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 4:
+            state_dict[key] = state_dict[key].reshape(self.out_channels, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
     for layer in module.modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -103,8 +127,8 @@ class RecipeCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, input_size: int = 24, channels: int = 64, hidden=(384, 192)):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, channels, 5, padding=2)
-        self.conv2 = nn.Conv2d(channels, channels, 5, padding=2)
+        self.conv1 = MatrixConv2d(3, channels, 5, padding=2)
+        self.conv2 = MatrixConv2d(channels, channels, 5, padding=2)
         self.norm = LocalResponseNorm()
         self.pool_sides = (input_size, math.ceil(input_size / 2))
         side = math.ceil(self.pool_sides[1] / 2)
@@ -133,7 +157,7 @@ class DeepCNN(nn.Module):
         channels = 3
         for width in widths:
             for _ in range(convs_per_block):
-                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                layers += [MatrixConv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
                 channels = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -166,13 +190,13 @@ class ConvGroup(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = MatrixConv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm1 = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=1e-12)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = MatrixConv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=1e-12)
         for conv in (self.conv1, self.conv2):
             # Identity start: the first in_channels filters pass their input through unchanged.
-            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+            nn.init.dirac_(conv.filters().data[: conv.in_channels])
         for norm in (self.norm1, self.norm2):
             norm.weight.requires_grad_(False)
 
