@@ -162,18 +162,17 @@ def train(cfg: DictConfig) -> dict:
 
 
 def evaluate_trained(trainer: pl.Trainer, module: Classifier, datamodule) -> dict:
-    """Validation accuracy of the final weights (the end of the curve) and the whole test set, once."""
-    curve = module.history["accuracy"]
-    step = trainer.global_step
-    if not curve or curve[-1][0] != step:
-        if module.validation_label == "val":
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-            curve.append((step, float(trainer.callback_metrics["val/accuracy"])))
+    """Validation accuracy of the final weights (the end of the curve) and the whole test set, once.
+    Without a validation split the curve is test accuracy: its last point is the final test pass."""
+    curve, step = module.history["accuracy"], trainer.global_step
     has_validation = module.validation_label == "val"
+    measured_at_end = bool(curve) and curve[-1][0] == step
+    if has_validation and not measured_at_end:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        curve.append((step, float(trainer.callback_metrics["val/accuracy"])))
     trainer.test(module, datamodule=datamodule, verbose=False)
     result = module.test_result
-    if not has_validation and (not curve or curve[-1][0] != step):
-        # Without a split the curve is test accuracy: its last point is the final test pass.
+    if not has_validation and not measured_at_end:
         curve.append((step, result["accuracy"]))
     return {
         "status": "done",
