@@ -71,10 +71,17 @@ class GracefulStop(Checkpoint):
     holds the step's lookahead averaging and everything else the step did. The handlers stay installed
     until `restore` (the end of the whole run), so a signal during the final evaluation is noticed too:
     `signal` says which one came.
+
+    With several processes the decision is taken together after every step: a signal to any process stops
+    them all after the same step, with one checkpoint and the same exit code. `requeue` names signals
+    (submitit's before a time limit) that are handed on to whoever handled them before, once the checkpoint
+    is written; after training they go there directly: the requeued job finds the final checkpoint and
+    only evaluates it.
     """
 
-    def __init__(self, checkpoint_path: Path):
+    def __init__(self, checkpoint_path: Path, requeue: tuple[int, ...] = ()):
         self.checkpoint_path = Path(checkpoint_path)
+        self.requeue = requeue
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -84,31 +91,52 @@ class GracefulStop(Checkpoint):
         self.signal = signum
         print(f"\ndeepcnn: {signal.Signals(signum).name} received; stopping after this step", file=sys.stderr)
 
-    def _install(self):
+    def _install(self, *signums: int):
         # Lightning registers its own handlers at the start of every fit, validate and test: installed
         # again at the start of each, these take precedence. The first ones replaced are restored at the end.
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signums:
             previous = signal.signal(signum, self._handle)
             self._previous.setdefault(signum, previous)
 
     def on_train_start(self, trainer, pl_module):
-        self._install()
+        self._install(signal.SIGINT, signal.SIGTERM, *self.requeue)
 
     def on_validation_start(self, trainer, pl_module):
-        self._install()
+        self._install(signal.SIGINT, signal.SIGTERM)
 
     def on_test_start(self, trainer, pl_module):
-        self._install()
+        self._install(signal.SIGINT, signal.SIGTERM)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.signal is not None:
+        signum = agreed_signal(trainer, self.signal or 0)
+        if signum:
+            # Collective: every process calls it, rank 0 writes.
             trainer.save_checkpoint(self.checkpoint_path)
-            raise StopRequested(self.signal, trainer.global_step)
+            if signum in self.requeue:
+                self.restore()
+                signal.raise_signal(signum)
+            raise StopRequested(signum, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module):
+        for signum in self.requeue:
+            if signum in self._previous:
+                signal.signal(signum, self._previous.pop(signum))
 
     def restore(self):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def agreed_signal(trainer: pl.Trainer, signum: int) -> int:
+    """The signal any of the run's processes received (0: none; the highest-numbered, if several), the same in
+    all of them: one all-reduce of one number a step, none when there is one process. (Lightning's
+    strategy.reduce would add a barrier before it, doubling the cost.)"""
+    if trainer.world_size == 1:
+        return signum
+    flag = torch.tensor([signum], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
 
 
 class DivergenceStop(pl.Callback):

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from deepcnn import checkpoints, reports, settings
+from deepcnn import checkpoints, cluster, reports, settings
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
 from deepcnn.checkpoints import AtomicCheckpointIO
@@ -112,9 +112,10 @@ def train(cfg: DictConfig) -> dict:
     """One training run: settings checked, data opened, the network trained, evaluated and reported.
     Returns the run's results (also written to results.json)."""
     settings.check(cfg)
+    cluster.prepare_processes(cfg.trainer)
     keep_freed_memory()
     run_dir = Path(cfg.run_dir)
-    ckpt_path = checkpoints.resolve_resume(cfg.ckpt_path, run_dir)
+    ckpt_path = checkpoints.resolve_resume(cluster.default_ckpt_path(cfg.ckpt_path), run_dir)
     run_dir = checkpoints.run_directory(ckpt_path, run_dir)
     if not ckpt_path:
         refuse_reused_run_dir(run_dir)
@@ -135,7 +136,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint_dir = run_dir / "checkpoints"
     last = checkpoint_dir / "last.ckpt"
     timer = TrainTimer()
-    stop = GracefulStop(last)
+    stop = GracefulStop(last, requeue=cluster.requeue_signals())
     safety = [timer, stop, DivergenceStop(last, cfg.trainer.log_every_n_steps),
               ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
                               every_n_train_steps=cfg.checkpoint_every_n_steps)]
