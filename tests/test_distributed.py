@@ -43,8 +43,9 @@ def batchnorm_process(rank: int, port: int, x: torch.Tensor, weights: torch.Tens
         share = x.chunk(2)[rank].clone().requires_grad_()
         y = layer(share)
         (y * weights.chunk(2)[rank]).sum().backward()
-        out.put((rank, type(layer).__name__, y.detach(), share.grad, layer.weight.grad, layer.bias.grad,
-                 layer.running_mean, layer.running_var))
+        # Sent by value: a tensor would be sent as a shared-memory handle that dies with this process.
+        tensors = (y.detach(), share.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var)
+        out.put((rank, type(layer).__name__, *(t.numpy().copy() for t in tensors)))
     finally:
         dist.destroy_process_group()
 
@@ -60,6 +61,7 @@ def test_synced_batchnorm_over_two_cpu_processes_equals_batchnorm_over_the_whole
     for p in processes:
         p.start()
     results = sorted((out.get(timeout=120) for _ in processes), key=lambda r: r[0])
+    results = [(rank, name, *map(torch.from_numpy, arrays)) for rank, name, *arrays in results]
     for p in processes:
         p.join(timeout=60)
         assert p.exitcode == 0

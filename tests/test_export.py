@@ -24,7 +24,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def test_onnx_model_gives_pytorch_top1_on_the_whole_test_set(shared_data, tmp_path):
     # No validation pass during training: the test set is read once, at the end.
     trained = run_cli("train.py", f"data.data_dir={shared_data}", "data.download=false", "data.batch_size=64",
-                      "trainer.max_steps=40", "trainer.val_check_interval=1000", "data.eval_batch_size=2000",
+                      "trainer.max_steps=40", "trainer.val_check_interval=40", "data.eval_batch_size=2000",
                       f"hydra.run.dir={tmp_path / 'run'}", env=ONE_THREAD)
     assert trained.returncode == 0, trained.stderr[-3000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -185,6 +185,6 @@ def test_batch_transfer_keeps_labels_with_their_images(seed, n, step):
     labels = torch.from_numpy(np.random.default_rng(seed).integers(0, 10, n))
     x, got = module.on_after_batch_transfer((images, labels, step, None), 0)
     assert got is labels and x.shape == (n, 3, 24, 24)
+    # Evaluation batches stay raw pixels: the model preprocesses them (Classifier.logits).
     x, got = module.on_after_batch_transfer((images, labels), 0)
-    assert got is labels
-    assert torch.equal(x, augment.preprocess(images, 24))
+    assert got is labels and x is images

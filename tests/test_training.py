@@ -21,8 +21,9 @@ def test_short_real_run_learns(shared_data, tmp_path):
     summary = json.loads((run_dir / "results.json").read_text())
     assert summary["steps"] == 300
     assert summary["test_accuracy"] >= 0.35, summary
-    assert set(summary) == {"test_accuracy", "per_class_accuracy", "steps", "train_seconds", "images_per_second",
-                            "checkpoint"}
+    assert set(summary) == {"status", "reason", "objective", "val_accuracy", "test_accuracy", "per_class_accuracy",
+                            "steps", "train_seconds", "images_per_second", "checkpoint"}
+    assert summary["status"] == "done" and summary["objective"] == "val_accuracy" and summary["val_accuracy"] >= 0.3
     assert len(summary["per_class_accuracy"]) == 10
     assert summary["images_per_second"] > 0
     for name in ("loss.png", "accuracy.png", "confusion.png", "checkpoints/last.ckpt"):

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -46,10 +48,21 @@ def unique_dir(path: str) -> str:
     return _claimed[path]
 
 
-def run_name(override_dirname: str, limit: int = 200) -> str:
-    """A run's name from its overrides ("optimizer.lr=0.05,seed=1"), usable as one folder name: no "/",
-    and long ones cut short with a digest of the whole, since a file name holds at most 255 bytes."""
-    name = override_dirname.replace("/", "_") or "run"
+def run_name(limit: int = 200) -> str:
+    """A run's name, from the overrides that set it apart: all of a single run's, and in a sweep those the
+    sweep varies ("optimizer.lr=0.05,seed=1"; the values common to all its runs say nothing). One folder
+    name: no "/", and a long one cut short with a digest of the whole, since a name holds at most 255 bytes."""
+    hydra_cfg = HydraConfig.get()
+
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    left_out = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        given = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
+        left_out |= {key(o.input_line) for o in given if not o.is_sweep_override()}
+    overrides = [o for o in hydra_cfg.overrides.task if key(o) not in left_out]
+    name = ",".join(sorted(overrides)).replace("/", "_") or "run"
     if len(name.encode()) > limit:
         name = f"{name.encode()[:limit - 9].decode(errors='ignore')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name

@@ -46,6 +46,11 @@ CONTRAST = (lambda v: v is None or (isinstance(v, (list, ListConfig)) and len(v)
 
 # key -> (test, what it may be). Keys a config does not have (a scheduler without decay_rate) are skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # trainer keys first: other defaults are computed from max_steps.
+    "trainer.max_steps": integer(1),
+    "trainer.log_every_n_steps": integer(1),
+    # The lookahead averaging, the progress lines and the data stream all count optimizer steps.
+    "trainer.accumulate_grad_batches": (lambda v: v == 1, "1 (deepcnn counts optimizer steps)"),
     "seed": integer(0),
     "tta": integer(0, 2),
     "checkpoint_every_n_steps": integer(1),
@@ -78,10 +83,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler.total_steps": integer(1),
     "scheduler.warmup_steps": integer(0),
     "loss.label_smoothing": number(0, 1, high_open=True),
-    "trainer.max_steps": integer(1),
-    "trainer.log_every_n_steps": integer(1),
-    # The lookahead averaging, the progress lines and the data stream all count optimizer steps.
-    "trainer.accumulate_grad_batches": (lambda v: v == 1, "1 (deepcnn counts optimizer steps)"),
 }
 # Keys deepcnn passes to a network itself.
 GIVEN_TO_MODELS = {"num_classes": "the dataset's classes", "input_size": "data.crop_size"}
