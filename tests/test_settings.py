@@ -109,3 +109,17 @@ def test_a_plugin_named_in_a_config_names_its_extra():
     missing = "In 'hydra/sweeper/resumable_optuna': Could not load 'hydra/sweeper/optuna'."
     assert cli.one_line(Exception(missing)) == (
         f"{missing} (hydra/sweeper/optuna is a Hydra plugin that comes with an extra: pip install -e '.[sweep]')")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("accelerator", "foo", "trainer: You selected an invalid accelerator name: `accelerator='foo'`"),
+    ("precision", "abc", "trainer: Precision 'abc' is invalid."),
+    ("strategy", "nope", "trainer: You selected an invalid strategy name: `strategy='nope'`"),
+])
+def test_a_trainer_setting_lightning_refuses_is_one_line(key, value, message, tmp_path):
+    from deepcnn.experiment import build_trainer
+
+    cfg = composed(f"trainer.{key}={value}")
+    with pytest.raises(SettingsError) as err:
+        build_trainer(cfg.trainer, tmp_path, [], [])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

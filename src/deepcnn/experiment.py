@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from deepcnn import checkpoints, cluster, reports, settings
 from deepcnn.allocator import keep_freed_memory
@@ -56,8 +57,14 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, logge
     if str(trainer_cfg.precision) == "auto":
         log.info(f"precision {why}")
     plugins = [AtomicCheckpointIO(), *([BatchNormSync()] if trainer_cfg.get("sync_batchnorm") else [])]
-    return instantiate(trainer_cfg, precision=precision, callbacks=[*callbacks, progress], plugins=plugins,
-                       logger=loggers or False, enable_progress_bar=interactive, default_root_dir=str(run_dir))
+    try:
+        return instantiate(trainer_cfg, precision=precision, callbacks=[*callbacks, progress], plugins=plugins,
+                           logger=loggers or False, enable_progress_bar=interactive, default_root_dir=str(run_dir))
+    except InstantiationException as err:
+        # Lightning's own word on a setting it cannot use (an unknown accelerator, too many devices, ...).
+        if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
+            raise SettingsError(f"trainer: {' '.join(str(err.__cause__).split())}") from None
+        raise
 
 
 def build_loggers(logger_cfg: DictConfig | None) -> list:

@@ -14,6 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, path: Path) -> None:
+    """A figure as a PNG file, written whole or not at all."""
+    with replaced_on_success(path) as partial:
+        fig.savefig(partial, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_json(path: Path, data: dict) -> None:
     with replaced_on_success(path) as partial:
         partial.write_text(json.dumps(data, indent=2) + "\n")
@@ -37,8 +44,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], run_dir: Path, labe
             ax.plot(steps, values, "k-" if key == "loss" else "r.-")
         ax.set(title=title, xlabel="Generation", ylabel=ylabel)
         fig.tight_layout()
-        fig.savefig(run_dir / filename, dpi=100)
-        plt.close(fig)
+        save_figure(fig, run_dir / filename)
         written.append(run_dir / filename)
     return written
 
@@ -56,8 +62,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                         color="white" if count > top / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def percent(value: float | None) -> str:

@@ -20,6 +20,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from deepcnn import reports
 from deepcnn.errors import UserError, print_error
 from deepcnn.files import replaced_on_success
 
@@ -290,9 +291,7 @@ def plot(sweep: Sweep, path: Path) -> None:
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"Sweep {sweep.folder.name}")
     fig.tight_layout()
-    with replaced_on_success(path) as partial:
-        fig.savefig(partial, format="png", dpi=100)
-    plt.close(fig)
+    reports.save_figure(fig, path)
 
 
 def write_summary(sweep: Sweep) -> list[Path]:
