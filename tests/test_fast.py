@@ -116,7 +116,7 @@ def test_fast_network_trains_with_whitening_from_data_tta_and_lookahead(tiny_dat
     assert saved["hyper_parameters"]["tta"] == 2
     assert "Lookahead" in saved["callbacks"]
     lrs = [group["lr"] for group in saved["optimizer_states"][0]["param_groups"]]
-    assert lrs == pytest.approx([1.5 * 64 * 0.07, 1.5 * 0.07])
+    assert lrs == pytest.approx([1.5 * 0.07, 1.5 * 64 * 0.07])
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
     datamodule = CifarDataModule(data_dir=str(tiny_data), crop_size=32, val_size=0, download=False)
     datamodule.setup()

@@ -41,7 +41,7 @@ def test_rules_give_norm_biases_a_faster_rate_with_the_same_decay_per_step():
     model = FastCNN(widths=(8, 16, 16))
     rules = [{"select": "norm_biases", "lr_scale": 64, "weight_decay_scale": 1 / 64}]
     optimizer = optim.scale_groups(torch.optim.SGD(optim.parameter_groups(model, rules), lr=0.5, weight_decay=0.01))
-    fast, rest = optimizer.param_groups
+    rest, fast = optimizer.param_groups
     norm_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [id(p) for p in fast["params"]] == [id(p) for p in norm_biases]
     assert fast["lr"] == 32.0 and fast["weight_decay"] == pytest.approx(0.01 / 64)

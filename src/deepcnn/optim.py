@@ -43,16 +43,17 @@ def check_rules(rules: Iterable[dict]) -> list[dict]:
 
 
 def parameter_groups(model: nn.Module, rules: Iterable[dict]) -> list[dict]:
-    """The trainable parameters of `model` in groups: one per rule that selects any, then the rest.
-    A group carries its rule's options; `scale_groups` turns the scales into values once the
-    optimizer has filled in its own settings."""
+    """The trainable parameters of `model` in groups: first those no rule selects (they keep the optimizer's
+    settings, so group 0's learning rate is the one a run reports), then one per rule that selects any.
+    A group carries its rule's options; `scale_groups` turns the scales into values once the optimizer has
+    filled in its own settings."""
     rules = check_rules(rules)
-    groups = [{"params": [], **{k: v for k, v in rule.items() if k != "select"}} for rule in rules] + [{"params": []}]
+    groups = [{"params": []}] + [{"params": [], **{k: v for k, v in rule.items() if k != "select"}} for rule in rules]
     for owner in model.modules():
         for name, p in owner.named_parameters(recurse=False):
             if p.requires_grad:
-                number = next((i for i, rule in enumerate(rules) if SELECTORS[rule["select"]](owner, name, p)),
-                              len(rules))
+                number = next((i + 1 for i, rule in enumerate(rules) if SELECTORS[rule["select"]](owner, name, p)),
+                              0)
                 groups[number]["params"].append(p)
     return [group for group in groups if group["params"]]
 
