@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_dataset
-from deepcnn.augment import distort, tta_views
+from conftest import run_cli, write_dataset, write_records
+from deepcnn.augment import distort, preprocess, tta_views
 from deepcnn.averaging import Lookahead
 from deepcnn.datamodule import CifarDataModule, TrainStream
 from deepcnn.models import FastCNN, whitening_filters
@@ -104,6 +104,22 @@ def test_dataset_in_memory_gives_the_streamed_batches(tmp_path):
     order = np.random.default_rng(0).permutation(len(streamed.train))[:50]
     for got, expected in zip(loaded.train.batch(order), streamed.train.batch(order)):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_whitening_sample_spans_class_sorted_records(tmp_path):
+    # A dataset converted from an image folder lists its records class by class: the first images of the
+    # training files would all be of one class.
+    folder = write_dataset(tmp_path, classes=("cat", "dog", "ship", "frog"), train_files=0)
+    labels = np.repeat(np.arange(4), 300)
+    pixels = write_records(folder / "data_batch_1.bin", labels)
+    datamodule = CifarDataModule(data_dir=str(tmp_path), crop_size=32, val_size=0, download=False)
+    sample = datamodule.whitening_sample(count=200)
+    every = preprocess(torch.from_numpy(pixels.reshape(-1, 3, 32, 32)), 32)
+    index = {image[:, 0, :4].numpy().tobytes(): i for i, image in enumerate(every)}
+    drawn = np.unique([index[image[:, 0, :4].numpy().tobytes()] for image in sample])
+    torch.testing.assert_close(sample, every[drawn])
+    assert len(drawn) == 200
+    assert np.bincount(labels[drawn], minlength=4).min() > 30
 
 
 def test_fast_network_trains_with_whitening_from_data_tta_and_lookahead(tiny_data, tmp_path):

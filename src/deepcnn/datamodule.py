@@ -191,9 +191,12 @@ class CifarDataModule(pl.LightningDataModule):
         return "val" if self.val_size else "test"
 
     def whitening_sample(self, count: int = 5000) -> torch.Tensor:
-        """The first `count` training images as the network sees them at test time, to fit whitening to."""
+        """`count` training images as the network sees them at test time, to fit whitening to. Drawn by a
+        fixed seed from all of them: records converted from an image folder come class by class, and the
+        first 5,000 would all be airplanes."""
         self.setup()
-        images, _ = self.train_records.batch(np.arange(min(count, len(self.train_records))))
+        _, chosen = split_indices(len(self.train_records), min(count, len(self.train_records)), seed=0)
+        images, _ = self.train_records.batch(chosen)
         return augment.preprocess(torch.from_numpy(images), self.crop_size)
 
     def _rank_world(self) -> tuple[int, int]:
