@@ -111,7 +111,7 @@ class GracefulStop(Checkpoint):
         signum = agreed_signal(trainer, self.signal or 0)
         if signum:
             # Collective: every process calls it, rank 0 writes.
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
             if signum in self.requeue:
                 self.restore()
                 signal.raise_signal(signum)

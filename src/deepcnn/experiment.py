@@ -155,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
         except StopRequested as stopped:
             raise Interrupted(f"stopped at step {stopped.step}; resume with {resume_command(last)}",
                               stopped.signum) from None
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
         summary = evaluate_trained(trainer, module, datamodule)
         summary.update(steps=trainer.global_step, train_seconds=round(timer.seconds, 3),
                        images_per_second=timer.images_per_second, checkpoint=str(last.resolve()))
