@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from deepcnn.module import load_classifier  # noqa: E402
+from deepcnn.checkpoints import load_classifier  # noqa: E402
 
 
 def main() -> None:
