@@ -76,15 +76,28 @@ def test_bad_setting_is_named_with_what_it_may_be(override, named, allowed):
 
 
 def test_presets_pass_the_checks():
-    for experiment in ("recipe", "deep", "fast"):
+    presets = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert {"recipe", "recipe_tuned", "deep", "fast"} <= set(presets)
+    for experiment in presets:
         settings.check(composed(f"experiment={experiment}"))
+
+
+def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
+    # The search behind it changed optimizer and schedule settings alone (README, "Searching").
+    recipe, tuned = ({key: value for key, value in composed(f"experiment={name}").items()
+                      if key not in ("hydra", "run_name")}
+                     for name in ("recipe", "recipe_tuned"))
+    assert {key for key in recipe.keys() | tuned.keys() if recipe.get(key) != tuned.get(key)} == {"optimizer",
+                                                                                                 "scheduler"}
+    assert tuned["optimizer"]["_target_"] == recipe["optimizer"]["_target_"] == "torch.optim.SGD"
+    assert tuned["scheduler"]["_target_"] == recipe["scheduler"]["_target_"]
 
 
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
-                        "'scheduler':; constant; cosine; deep; exponential; triangle"),
+                        "'scheduler':; constant; cosine; deep; exponential; recipe_tuned; triangle"),
     pytest.param("hydra/sweeper=optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
                  "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
                      optuna_sweeper_installed(),
