@@ -1,0 +1,84 @@
+"""The fast preset against the record-holding peer at several time budgets: one sitting, one machine.
+
+    .venv/bin/python bench/accuracy_vs_time.py --peer /tmp/airbench94_muon_cpu.py
+
+The peer is airbench94_muon.py ported to the CPU by ../shared/anchors/airbench/port.py (its code stays
+out of this repository). Every point is one fresh process, seed 0, trained on all 50,000 images: its
+whole-test-set accuracy and its wall time from the command to the final accuracy. Prints the table
+and draws both curves into bench/accuracy_vs_time.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from runs import DATA, ROOT, train  # noqa: E402
+
+# deepcnn's points: the fast preset, shorter, as it ships, and at the peer's widths.
+DEEPCNN = {
+    "fast, 350 steps": ["trainer.max_steps=350"],
+    "fast (500 steps)": [],
+    "fast, widths 64/256/256, 450 steps": ["model.widths=[64,256,256]", "trainer.max_steps=450"],
+}
+PEER_EPOCHS = [3, 5, 8]
+
+
+def peer(script: Path, epochs: float, data: Path) -> tuple[float, float]:
+    """(accuracy, wall seconds) of one run of the ported peer."""
+    env = {**os.environ, "DATA": str(data / "cifar-10-batches-bin"), "EPOCHS": str(epochs), "SEED": "0"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    found = re.search(r"RESULT tta_val_acc=([0-9.]+)", done.stdout)
+    if done.returncode or not found:
+        sys.exit(f"{script} (EPOCHS={epochs}) failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return float(found.group(1)), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer", type=Path, required=True, help="the ported airbench94_muon.py")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "accuracy_vs_time.png")
+    args = parser.parse_args()
+    points: dict[str, list[tuple[float, float, str]]] = {"deepcnn": [], "airbench94_muon": []}
+    print("| who | setting | whole-test-set accuracy | wall s |")
+    print("| --- | --- | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (label, overrides) in enumerate(DEEPCNN.items()):
+            result, wall = train(Path(tmp) / str(k), ["experiment=fast", "data.val_size=0", "seed=0", *overrides],
+                                 args.data)
+            points["deepcnn"].append((wall, result["test_accuracy"], label))
+            print(f"| deepcnn | {label} | {100 * result['test_accuracy']:.2f}% | {wall:.0f} |", flush=True)
+    for epochs in PEER_EPOCHS:
+        accuracy, wall = peer(args.peer, epochs, args.data)
+        points["airbench94_muon"].append((wall, accuracy, f"{epochs} epochs"))
+        print(f"| airbench94_muon (CPU port) | {epochs} epochs | {100 * accuracy:.2f}% | {wall:.0f} |", flush=True)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for who, seen in points.items():
+        seen.sort()
+        axes.plot([w for w, _, _ in seen], [100 * a for _, a, _ in seen], marker="o", label=who)
+        for wall, accuracy, label in seen:
+            axes.annotate(label, (wall, 100 * accuracy), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    axes.set_xlabel("wall seconds, command to final accuracy")
+    axes.set_ylabel("whole-test-set accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(args.plot, dpi=120)
+    print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
