@@ -6,10 +6,15 @@
 #   data    CIFAR-10 records from the image folders of $DEEPCNN_JPEG (a .tar.gz, train/<class>/*.jpg and
 #           test/<class>/*.jpg) through src/convert.py, and the same images as the peer's train.pt/test.pt
 #   search  hparams_search=recipe_optuna, 20,000 steps a trial, $SEARCH_JOBS trials at a time on the one
-#           GPU, stopped after $SEARCH_SECONDS; then the best settings trained on all 50,000 images, seeds 0-2
+#           GPU, stopped after $SEARCH_SECONDS; then the best settings trained on all 50,000 images, seeds 0-2,
+#           and the recipe's own settings beside them
 #   fast    experiment=fast on all 50,000 images, seeds 0-2: accuracy and wall time (bench/time_to_accuracy.py)
 #   peer    the record holder as published ($PEER: airbench94_muon.py), $PEER_RUNS runs after its warm-up
 #   tests   the quick part of the test suite
+#
+# Needs deepcnn's packages with the sweep and cluster extras (the search runs trials in parallel through
+# the joblib launcher); the peer needs torchvision and Triton, and its max-autotune compilation alone
+# took over two minutes on an H200.
 #
 # $SEARCH_OVERRIDES adds overrides to every search trial and tuned run (a dry run on a CPU:
 # SEARCH_OVERRIDES="trainer.max_steps=20 trainer=cpu").
