@@ -12,7 +12,6 @@ from hydra.core.hydra_config import HydraConfig
 
 from conftest import ROOT
 from deepcnn import cli, settings  # noqa: F401  (cli registers the config resolvers)
-from deepcnn.errors import SettingsError
 from deepcnn.experiment import build_callbacks, build_loggers, build_module, build_trainer
 
 CONF = ROOT / "conf"
