@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli, write_dataset
-from deepcnn.cluster import refuse_spawning_sweep
+from deepcnn.cluster import end_processes, refuse_spawning_sweep
 from deepcnn.errors import SettingsError
 
 needs_cluster_extra = pytest.mark.skipif(
@@ -284,3 +284,13 @@ def test_stop_on_a_lookahead_step_keeps_its_averaging_and_resumes_to_the_uninter
     resumed = run_cli("train.py", *lookahead, f"hydra.run.dir={run_dir}", "ckpt_path=auto", timeout=RUN_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, tmp_path / "reference")
+
+
+def test_a_run_ends_by_destroying_its_process_group(monkeypatch):
+    """Left to the interpreter's exit, gloo's group can abort a finished process (CI saw exit code -6)."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    end_processes()
+    assert not torch.distributed.is_initialized()
+    end_processes()  # and a run of one process, with no group, has nothing to end

@@ -25,6 +25,7 @@ from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 # Lightning's own reading of the Trainer's device settings; it has no public one.
 from pytorch_lightning.trainer.connectors.accelerator_connector import _AcceleratorConnector
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+import torch.distributed as dist
 
 from deepcnn.errors import SettingsError, reported_errors
 
@@ -89,6 +90,14 @@ def prepare_processes(trainer_cfg: DictConfig) -> None:
     if job.num_tasks > 1 and not SLURMEnvironment.detect():
         # The job's own task numbers decide the ranks, whatever a parent environment had set.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def end_processes() -> None:
+    """After a run, in each of its processes. Lightning leaves the process group to the interpreter's exit,
+    where gloo's worker threads can still hold tensors whose release then aborts the process (SIGABRT):
+    a finished run ended with exit code -6 on one rank. Destroyed here, while the interpreter is whole."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def default_ckpt_path(ckpt_path: str | None) -> str | None:

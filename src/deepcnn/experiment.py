@@ -163,6 +163,7 @@ def train(cfg: DictConfig) -> dict:
             write_reports(module, summary, run_dir, trainer.loggers)
     finally:
         stop.restore()
+        cluster.end_processes()
     if stop.signal is not None:
         raise Interrupted(f"a signal came during the final evaluation; training had finished and its results are "
                           f"in {run_dir}", stop.signal)
