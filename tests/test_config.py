@@ -37,7 +37,7 @@ def build_everything(cfg, tmp_path: Path):
     optimizer = module.configure_optimizers()
     datamodule = __import__("hydra").utils.instantiate(cfg.data)
     loggers = build_loggers(cfg.logger)
-    callbacks = build_callbacks(cfg.callbacks, "val")
+    callbacks = build_callbacks(cfg.callbacks, "val", bool(loggers))
     trainer = None
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
         trainer = build_trainer(cfg.trainer, tmp_path, callbacks, loggers)

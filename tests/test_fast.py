@@ -1,15 +1,17 @@
 """The fast preset's pieces: whitening, test-time augmentation, lookahead averaging, the triangle schedule,
-BatchNorm-bias learning rates, alternating flips and the in-memory dataset."""
+BatchNorm-bias learning rates, alternating flips, progressive resizing and the in-memory dataset."""
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_cli, write_dataset, write_records
-from deepcnn.augment import distort, preprocess, tta_views
+from deepcnn.augment import distort, preprocess, shrink, tta_views
 from deepcnn.averaging import Lookahead
-from deepcnn.datamodule import CifarDataModule, TrainStream
+from deepcnn.datamodule import CifarDataModule, TrainStream, step_seed
+from deepcnn.errors import SettingsError
 from deepcnn.models import FastCNN, whitening_filters
 from deepcnn.records import open_dataset
 
@@ -122,7 +124,7 @@ def test_whitening_sample_spans_class_sorted_records(tmp_path):
     assert np.bincount(labels[drawn], minlength=4).min() > 30
 
 
-def test_fast_network_trains_with_whitening_from_data_tta_and_lookahead(tiny_data, tmp_path):
+def test_fast_preset_trains_with_whitening_from_data_muon_tta_and_lookahead(tiny_data, tmp_path):
     run_dir = tmp_path / "fast"
     result = run_cli("train.py", "experiment=fast", "model.widths=[8,16,16]",
                      "callbacks.lookahead.every=2", "data.val_size=0", f"data.data_dir={tiny_data}",
@@ -131,10 +133,38 @@ def test_fast_network_trains_with_whitening_from_data_tta_and_lookahead(tiny_dat
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["hyper_parameters"]["tta"] == 2
     assert "Lookahead" in saved["callbacks"]
-    lrs = [group["lr"] for group in saved["optimizer_states"][0]["param_groups"]]
-    assert lrs == pytest.approx([1.5 * 0.07, 1.5 * 64 * 0.07])
+    # Muon's filters, then SGD's whitening bias, BatchNorm biases (64x) and head, decayed to zero at the end.
+    groups = saved["optimizer_states"][0]["param_groups"]
+    assert [group["initial_lr"] for group in groups] == pytest.approx([0.24, 1.5, 1.5 * 64, 1.5])
+    assert [group["lr"] for group in groups] == [0.0] * 4
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
     datamodule = CifarDataModule(data_dir=str(tiny_data), crop_size=32, val_size=0, download=False)
     datamodule.setup()
     expected = whitening_filters(datamodule.whitening_sample())
     torch.testing.assert_close(saved["state_dict"]["model.whiten.weight"], expected)
+
+
+def test_early_steps_train_on_shrunken_images_then_full_size(tmp_path):
+    root = write_dataset(tmp_path, per_file=40, train_files=1)
+    datamodule = CifarDataModule(data_dir=str(root), batch_size=8, crop_size=32, val_size=0, download=False,
+                                 augment={"pad": 2, "max_brightness": 0, "contrast": None},
+                                 early_size=24, early_steps=3)
+    datamodule.setup()
+    stream = TrainStream(datamodule.train_records, 8, seed=0)
+    for step, size in ((0, 24), (2, 24), (3, 32), (4, 32)):
+        images, labels = datamodule.on_after_batch_transfer(stream.batch(step), 0)
+        assert images.shape == (8, 3, size, size) and images.is_contiguous(memory_format=torch.channels_last)
+        generator = torch.Generator().manual_seed(step_seed(0, step))
+        full = distort(stream.batch(step)[0], generator, 32, pad=2, max_brightness=0, contrast=None)
+        expected = F.interpolate(full, size=(24, 24), mode="bilinear", antialias=True) if size == 24 else full
+        torch.testing.assert_close(images, expected)
+    # Shrinking averages neighbouring pixels: a flat image stays flat.
+    flat = torch.full((2, 3, 32, 32), 0.7)
+    torch.testing.assert_close(shrink(flat, 24), torch.full((2, 3, 24, 24), 0.7))
+    assert datamodule.state_dict()["data.early_steps"] == 3
+
+
+def test_early_size_larger_than_the_crop_is_refused():
+    with pytest.raises(SettingsError, match=r"data.early_size=32: the early steps' image side must be between 1 "
+                                            r"and data.crop_size=24"):
+        CifarDataModule(data_dir="unused", crop_size=24, early_size=32, early_steps=10)

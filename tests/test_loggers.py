@@ -85,3 +85,12 @@ def test_a_logger_whose_extra_is_missing_says_which_to_install(tiny_data, tmp_pa
                      "logger=mlflow")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("install it with: pip install -e '.[mlflow]'")
+
+
+def test_without_a_logger_the_run_trains_and_drops_the_learning_rate_monitor(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={run_dir}", *SHORT, "logger=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logger=none: lr_monitor would have nothing to write to and is off" in result.stdout + result.stderr
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
+    assert not (run_dir / "tensorboard").exists()

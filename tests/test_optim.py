@@ -110,3 +110,36 @@ def test_muon_takes_every_convolution_and_linear_weight_of_the_networks():
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     assert len(convs) == 6 and all(id(c.weight) in in_muon for c in convs) and id(model.head.weight) in in_muon
     assert all(p.ndim == 1 for g in rest.param_groups for p in g["params"])  # BatchNorm biases
+
+
+def test_a_rest_rule_sends_the_head_to_the_second_optimizer_and_other_optimizers_refuse_it():
+    model = FastCNN(widths=(8, 16, 16))
+    rules = [{"select": "linear_weights", "rest": True, "lr_scale": 2.0}]
+    combined = optim.scale_groups(optim.muon(optim.parameter_groups(model, rules),
+                                             lambda groups: torch.optim.SGD(groups, lr=0.1)))
+    muon, rest = combined.optimizers
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(model.head.weight) not in in_muon and len(in_muon) == 6
+    (head_group,) = [g for g in rest.param_groups if any(p is model.head.weight for p in g["params"])]
+    assert head_group["lr"] == pytest.approx(0.2) and "rest" not in head_group
+    with pytest.raises(SettingsError, match=r"`rest` says which parameters optimizer=muon gives its second "
+                                            r"optimizer; SGD has none"):
+        optim.scale_groups(torch.optim.SGD(optim.parameter_groups(model, rules), lr=0.1))
+
+
+def test_normalized_muon_is_torch_muon_on_weights_rescaled_to_norm_sqrt_rows():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(3 * torch.randn(8, 12))
+    twin = torch.nn.Parameter(weight.detach().clone())
+    normalized = optim.Muon([weight], lr=0.1, momentum=0.6, ns_steps=3, weight_decay=0.0, normalize_weights=True)
+    plain = torch.optim.Muon([twin], lr=0.1, momentum=0.6, ns_steps=3, weight_decay=0.0)
+    for _ in range(3):
+        grad = torch.randn(8, 12)
+        weight.grad, twin.grad = grad.clone(), grad.clone()
+        with torch.no_grad():
+            twin.mul_(math.sqrt(8) / twin.norm())
+        normalized.step()
+        plain.step()
+        torch.testing.assert_close(weight, twin)
+    # The step leaves the norm near sqrt(rows): the update is small beside the rescaled weight.
+    assert abs(weight.norm().item() - math.sqrt(8)) < 0.5

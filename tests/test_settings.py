@@ -97,7 +97,7 @@ def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
     ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
-                        "'scheduler':; constant; cosine; deep; exponential; recipe_tuned; triangle"),
+                        "'scheduler':; constant; cosine; deep; exponential; linear; recipe_tuned; triangle"),
     pytest.param("hydra/sweeper=optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
                  "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
                      optuna_sweeper_installed(),

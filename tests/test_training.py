@@ -67,14 +67,15 @@ def test_deep_preset_learns(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_fast_preset_learns(shared_data, tmp_path):
-    """experiment=fast cut to 30 steps of 512 (0.3 epochs): 51.1%, 50.8% and 50.0% here (seeds 42, 1, 2);
-    the floor leaves room for noise."""
+    """experiment=fast cut to 30 steps of 512 (0.3 epochs), SGD's rate halved for the halved batch: 63.0%,
+    63.6% and 64.5% here (seeds 42, 1, 2; 51% with the SGD-only preset before Muon); the floor leaves
+    room for noise."""
     run_dir = tmp_path / "fast"
     result = run_cli("train.py", "experiment=fast", f"data.data_dir={shared_data}", "data.batch_size=512",
-                     "optimizer.lr=0.75", "trainer.max_steps=30", "tta=1", f"hydra.run.dir={run_dir}")
+                     "optimizer.rest.lr=0.75", "trainer.max_steps=30", "tta=1", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "results.json").read_text())
-    assert summary["steps"] == 30 and summary["test_accuracy"] >= 0.45
+    assert summary["steps"] == 30 and summary["test_accuracy"] >= 0.55
     for name in ("loss.png", "accuracy.png", "confusion.png", "checkpoints/last.ckpt", "tensorboard"):
         assert (run_dir / name).exists(), name
 

@@ -93,6 +93,12 @@ def distort(
     return standardized_brightness_contrast(x, delta, factor)
 
 
+def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A float batch scaled down to size x size, antialiased (every pixel counts, none is skipped), channels_last."""
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).contiguous(
+        memory_format=torch.channels_last)
+
+
 def preprocess(images: torch.Tensor, crop_size: int) -> torch.Tensor:
     """Test-time preprocessing: centre crop and standardization, never a distortion."""
     return standardize(centre_crop(images.float(), crop_size))

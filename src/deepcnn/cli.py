@@ -71,6 +71,8 @@ def run_name(limit: int = 200) -> str:
 OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("min", min, replace=True)
+# ${fraction:${trainer.max_steps},0.5}: a share of a count, as a whole number.
+OmegaConf.register_new_resolver("fraction", lambda count, share: round(count * share), replace=True)
 
 
 def one_line(err: Exception) -> str:

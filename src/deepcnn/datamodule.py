@@ -127,13 +127,17 @@ class CifarDataModule(pl.LightningDataModule):
     """CIFAR binary records: a training stream of distorted batches, a validation split held out of the
     training files (`val_size` records chosen by `split_seed`, the same for every seed of a sweep), and
     the test set. Batches leave as uint8 pixels; training batches are distorted after the move to the
-    training device, evaluation batches are preprocessed by the model (`Classifier.logits`)."""
+    training device (those of the first `early_steps` steps also shrunk to `early_size`, progressive
+    resizing), evaluation batches are preprocessed by the model (`Classifier.logits`)."""
 
     def __init__(self, data_dir: str, batch_size: int = 128, eval_batch_size: int = 1000, crop_size: int = 24,
                  val_size: int = 5000, split_seed: int = 0, augment: dict | None = None, label: str = "fine",
                  download: bool = True, url: str = "", md5: str = "", seed: int = 0, prefetch: int = 4,
-                 in_memory: bool = False):
+                 in_memory: bool = False, early_size: int | None = None, early_steps: int = 0):
         super().__init__()
+        if early_steps and not (early_size and 0 < early_size <= crop_size):
+            raise SettingsError(f"data.early_size={early_size}: the early steps' image side must be between 1 and "
+                                f"data.crop_size={crop_size}")
         self.augment = dict(augment or {})
         unknown = sorted(set(self.augment) - set(AUGMENT_KEYS))
         if unknown:
@@ -146,6 +150,7 @@ class CifarDataModule(pl.LightningDataModule):
         self.val_size, self.split_seed = val_size, split_seed
         self.label, self.download, self.url, self.md5 = label, download, url, md5
         self.seed, self.prefetch, self.in_memory = seed, prefetch, in_memory
+        self.early_size, self.early_steps = early_size, early_steps
         self.dataset: Dataset | None = None
         self.train_records = self.val_records = None
 
@@ -207,6 +212,7 @@ class CifarDataModule(pl.LightningDataModule):
         """What decides which records and distortions each step gets; saved in every checkpoint."""
         return {"data.batch_size": self.batch_size, "seed": self.seed, "world_size": self._rank_world()[1],
                 "data.crop_size": self.crop_size, "data.val_size": self.val_size, "data.split_seed": self.split_seed,
+                "data.early_size": self.early_size, "data.early_steps": self.early_steps,
                 **{f"data.augment.{key}": value for key, value in sorted(self.augment.items())}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -239,4 +245,7 @@ class CifarDataModule(pl.LightningDataModule):
         images, labels, step, mirror = batch
         generator = torch.Generator(device=images.device).manual_seed(step_seed(self.seed, step,
                                                                                 self._rank_world()[0]))
-        return augment.distort(images, generator, self.crop_size, mirror=mirror, **self.distortions), labels
+        images = augment.distort(images, generator, self.crop_size, mirror=mirror, **self.distortions)
+        if step < self.early_steps:
+            images = augment.shrink(images, self.early_size)
+        return images, labels

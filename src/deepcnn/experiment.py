@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from deepcnn import checkpoints, cluster, reports, settings
 from deepcnn.allocator import keep_freed_memory
+from deepcnn.budget import apply_budget
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
 from deepcnn.checkpoints import AtomicCheckpointIO
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
@@ -39,6 +40,8 @@ warnings.filterwarnings("ignore", message=".*when logging on epoch level in dist
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Loggers whose packages are optional extras of pyproject.toml, by their conf/logger/ name.
 LOGGER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
+# Callbacks whose only work is writing to the loggers.
+LOGGING_ONLY = {"pytorch_lightning.callbacks.LearningRateMonitor"}
 
 
 class RunFailed(Exception):
@@ -81,10 +84,16 @@ def build_loggers(logger_cfg: DictConfig | None) -> list:
     return loggers
 
 
-def build_callbacks(callbacks_cfg: DictConfig | None, validation_label: str) -> list:
+def build_callbacks(callbacks_cfg: DictConfig | None, validation_label: str, logged: bool = True) -> list:
     """The config's callbacks. Without a validation split nothing may select on validation accuracy,
-    so the callbacks that monitor it are left out, saying so once."""
+    so the callbacks that monitor it are left out, saying so once; without a logger (logger=none), so
+    are those that only write to one."""
     chosen = {name: config for name, config in (callbacks_cfg or {}).items() if config is not None}
+    if not logged:
+        logging_only = [name for name, config in chosen.items() if config.get("_target_") in LOGGING_ONLY]
+        if logging_only:
+            log.warning(f"logger=none: {', '.join(logging_only)} would have nothing to write to and is off")
+        chosen = {name: config for name, config in chosen.items() if name not in logging_only}
     if validation_label != "val":
         selecting = [name for name, config in chosen.items() if str(config.get("monitor", "")).startswith("val/")]
         if selecting:
@@ -119,6 +128,11 @@ def train(cfg: DictConfig) -> dict:
     """One training run: settings checked, data opened, the network trained, evaluated and reported.
     Returns the run's results (also written to results.json)."""
     settings.check(cfg)
+    chosen = apply_budget(cfg, task_overrides())
+    if chosen:
+        settings.check(cfg)
+        log.info(f"budget_s={cfg.budget_s}: {', '.join(f'{k}={v}' for k, v in chosen['settings'].items())} "
+                 f"(measured: {chosen['seconds']} s)")
     cluster.prepare_processes(cfg.trainer)
     keep_freed_memory()
     run_dir = Path(cfg.run_dir)
@@ -147,8 +161,8 @@ def train(cfg: DictConfig) -> dict:
     safety = [timer, stop, DivergenceStop(last, cfg.trainer.log_every_n_steps),
               ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
                               every_n_train_steps=cfg.checkpoint_every_n_steps)]
-    trainer = build_trainer(cfg.trainer, run_dir, [*safety, *build_callbacks(cfg.callbacks, module.validation_label)],
-                            loggers)
+    callbacks = build_callbacks(cfg.callbacks, module.validation_label, logged=bool(loggers))
+    trainer = build_trainer(cfg.trainer, run_dir, [*safety, *callbacks], loggers)
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -7,6 +7,7 @@ or weight decay, so a preset's groups live in its YAML, not in code:
     param_groups:
       - {select: norm_biases, lr_scale: 64, weight_decay_scale: 0.015625}
       - {select: norms_and_biases, weight_decay: 0.0}
+      - {select: linear_weights, rest: true}   # optimizer=muon: these go to its second optimizer
 
 The first rule that selects a parameter decides its group; the rest keep the optimizer's settings.
 """
@@ -24,9 +25,10 @@ SELECTORS: dict[str, Callable[[nn.Module, str, torch.Tensor], bool]] = {
     "norm_biases": lambda owner, name, p: isinstance(owner, NORMS) and name == "bias",
     "norms_and_biases": lambda owner, name, p: isinstance(owner, NORMS) or name == "bias",
     "matrices": lambda owner, name, p: p.ndim >= 2 and not isinstance(owner, NORMS),
+    "linear_weights": lambda owner, name, p: isinstance(owner, nn.Linear) and name == "weight",
     "all": lambda owner, name, p: True,
 }
-RULE_KEYS = {"select", "lr_scale", "weight_decay", "weight_decay_scale"}
+RULE_KEYS = {"select", "lr_scale", "weight_decay", "weight_decay_scale", "rest"}
 
 
 def check_rules(rules: Iterable[dict]) -> list[dict]:
@@ -60,6 +62,9 @@ def parameter_groups(model: nn.Module, rules: Iterable[dict]) -> list[dict]:
 
 def scale_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     for group in optimizer.param_groups:
+        if "rest" in group:
+            raise SettingsError("optimizer.param_groups: `rest` says which parameters optimizer=muon gives its "
+                                f"second optimizer; {type(optimizer).__name__} has none")
         group["lr"] *= group.pop("lr_scale", 1.0)
         group["weight_decay"] = group.get("weight_decay", 0.0) * group.pop("weight_decay_scale", 1.0)
     return optimizer
@@ -97,16 +102,40 @@ class Combined(torch.optim.Optimizer):
         self._share()
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon that can first rescale each matrix to Frobenius norm sqrt(rows) (every row of unit
+    norm on average), as the record-holding airbench94_muon does. For weights followed by BatchNorm the
+    scale changes nothing in the output, but it fixes the size of each update relative to the weight,
+    which would otherwise shrink as the weights grow."""
+
+    def __init__(self, params, *args, normalize_weights: bool = False, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.normalize_weights = normalize_weights
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.normalize_weights:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(p.shape[0] ** 0.5 / p.norm().clamp_min(1e-12))
+        return super().step(closure)
+
+
 def muon(params: Iterable[dict], rest: Callable[[list[dict]], torch.optim.Optimizer], lr: float = 0.02,
          momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
-         adjust_lr_fn: str | None = None) -> Combined:
-    """torch.optim.Muon for the 2-D weights (linear layers, and convolutions, whose weights deepcnn keeps as
-    out_channels x (in_channels * kh * kw) matrices), `rest` (a partial optimizer) for every other parameter."""
-    groups = list(params)
-    matrices = [{**g, "params": [p for p in g["params"] if p.ndim == 2]} for g in groups]
-    others = [{**g, "params": [p for p in g["params"] if p.ndim != 2]} for g in groups]
-    parts = [torch.optim.Muon([g for g in matrices if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)]
+         adjust_lr_fn: str | None = None, normalize_weights: bool = False) -> Combined:
+    """Muon (above) for the 2-D weights (linear layers, and convolutions, whose weights deepcnn keeps as
+    out_channels x (in_channels * kh * kw) matrices), `rest` (a partial optimizer) for every other parameter
+    and for those a rule with `rest: true` selects."""
+    for_muon, to_rest = [], []
+    for group in params:
+        (to_rest if group.pop("rest", False) else for_muon).append(group)
+    matrices = [{**g, "params": [p for p in g["params"] if p.ndim == 2]} for g in for_muon]
+    others = [{**g, "params": [p for p in g["params"] if p.ndim != 2]} for g in for_muon] + to_rest
+    parts = [Muon([g for g in matrices if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
+                  weight_decay=weight_decay, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                  normalize_weights=normalize_weights)]
     if any(g["params"] for g in others):
         parts.append(rest([g for g in others if g["params"]]))
     return Combined(parts)

@@ -1,0 +1,84 @@
+"""The recipe preset's full run against its bare training step: what Lightning, the data stream, the
+distortions and the logging cost on top of the arithmetic, in one sitting.
+
+    .venv/bin/python bench/trainer_overhead.py --steps 600 --rounds 2
+
+The bare step is the same network, loss, optimizer and schedule (built from the same config, in the
+same precision) stepped in a plain loop over one fixed batch of already-distorted real images: no
+data reading, no distortion, no Lightning. The full run is `python src/train.py` for the same number
+of steps (all 50,000 images, validation only at the end), its training images/s as it reports them.
+Runs alternate, so both see the same machine load; the ratio of medians is the figure.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from runs import DATA, ROOT, train
+from deepcnn import cli  # noqa: F401  (registers the config resolvers)
+from deepcnn.allocator import keep_freed_memory
+from deepcnn.experiment import build_module
+from deepcnn.precision import detect_precision
+
+
+def bare_rate(overrides: list[str], steps: int, data: Path) -> float:
+    """Training images/s of the plain loop, after 20 warm-up steps."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.data_dir={data}", "data.val_size=0", "run_dir=unused", *overrides])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    module = build_module(cfg, datamodule.classes)
+    configured = module.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    images, labels = datamodule.on_after_batch_transfer(datamodule.train_dataloader().batch(0), 0)
+    precision, _ = detect_precision(cfg.trainer.precision, "cpu")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    module.train()
+
+    def step():
+        with autocast:
+            loss = module.loss(module(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+    for _ in range(20):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(labels) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("overrides", nargs="*", help="overrides for both, e.g. experiment=fast")
+    args = parser.parse_args()
+    keep_freed_memory()
+    bare, full = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            bare.append(bare_rate(args.overrides, args.steps, args.data))
+            result, _ = train(Path(tmp) / f"run{r}", [f"trainer.max_steps={args.steps}", "data.val_size=0",
+                                                      f"trainer.val_check_interval={args.steps}", *args.overrides],
+                              args.data)
+            full.append(result["images_per_second"])
+            print(f"round {r + 1}: bare step {bare[-1]:8.1f} img/s   full run {full[-1]:8.1f} img/s", flush=True)
+    bare_median, full_median = statistics.median(bare), statistics.median(full)
+    print(f"{args.steps} steps, {args.rounds} rounds: bare step {bare_median:.0f} img/s, full run {full_median:.0f} "
+          f"img/s: the run is {100 * (1 - full_median / bare_median):.1f}% slower")
+
+
+if __name__ == "__main__":
+    main()
