@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from runs import DATA, ROOT, train
+from runs import DATA, ROOT, compose_config, train
 
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -46,8 +45,7 @@ def matmul_peak(n: int = 4096, repeats: int = 8) -> float:
 
 def flops_per_image(preset: str) -> float:
     """Training FLOPs of one image: forward and backward of the preset's network over one batch, / batch."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={preset}", "run_dir=unused"])
+    cfg = compose_config([f"experiment={preset}"])
     size, batch = cfg.data.crop_size, cfg.data.batch_size
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 10, size)
     images = torch.randn(batch, 3, size, size)
@@ -70,8 +68,9 @@ def main() -> None:
         for preset in args.presets:
             work = flops_per_image(preset)
             steps = args.steps or STEPS.get(preset, 200)
+            # Every step at full size: the FLOPs above are those of a full-size image.
             result, _ = train(Path(tmp) / preset, [f"experiment={preset}", "data.val_size=0", "tta=0",
-                                                   f"trainer.max_steps={steps}"], args.data)
+                                                   "data.early_steps=0", f"trainer.max_steps={steps}"], args.data)
             achieved = work * result["images_per_second"]
             print(f"| {preset} | {work / 1e6:,.1f} | {result['images_per_second']:,.0f} | {achieved / 1e9:,.1f} | "
                   f"{achieved / peak:.1%} |", flush=True)

@@ -1,4 +1,5 @@
-"""What every benchmark shares: where the data is, and one deepcnn training run in a fresh process."""
+"""What every benchmark shares: where the data is, a preset's composed config, and one deepcnn training run
+in a fresh process."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATA = Path(os.environ.get("DEEPCNN_DATA", SHARED / "cifar10"))
+
+
+def compose_config(overrides: list[str]):
+    """train.yaml composed with these overrides, as `python src/train.py` would (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from deepcnn import cli  # noqa: F401  (registers the config resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["run_dir=unused", *overrides])
 
 
 def train(run_dir: Path, overrides: list[str], data: Path = DATA) -> tuple[dict, float]:

@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from runs import DATA, ROOT, train
-from deepcnn import cli  # noqa: F401  (registers the config resolvers)
+from runs import DATA, compose_config, train
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.experiment import build_module
 from deepcnn.precision import detect_precision
@@ -30,8 +28,7 @@ from deepcnn.precision import detect_precision
 
 def bare_rate(overrides: list[str], steps: int, data: Path) -> float:
     """Training images/s of the plain loop, after 20 warm-up steps."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"data.data_dir={data}", "data.val_size=0", "run_dir=unused", *overrides])
+    cfg = compose_config([f"data.data_dir={data}", "data.val_size=0", *overrides])
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     module = build_module(cfg, datamodule.classes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from deepcnn.cli import override_key
 from deepcnn.errors import SettingsError
 
 
@@ -26,7 +27,7 @@ def apply_budget(cfg: DictConfig, overrides: list[str]) -> dict | None:
         raise SettingsError(f"budget_s={budget}: the shortest measured budget is {rows[0]['seconds']} s; "
                             f"give at least that")
     row = fitting[-1]
-    given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    given = {override_key(override) for override in overrides}
     for key in row["settings"]:
         if key in given:
             raise SettingsError(f"{key}: chosen by budget_s={budget}; set one or the other")

@@ -48,20 +48,21 @@ def unique_dir(path: str) -> str:
     return _claimed[path]
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: "optimizer.lr" of "optimizer.lr=0.05", "+extra=1" and "~key"."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def run_name(limit: int = 200) -> str:
     """A run's name, from the overrides that set it apart: all of a single run's, and in a sweep those the
     sweep varies ("optimizer.lr=0.05,seed=1"; the values common to all its runs say nothing). One folder
     name: no "/", and a long one cut short with a digest of the whole, since a name holds at most 255 bytes."""
     hydra_cfg = HydraConfig.get()
-
-    def key(override: str) -> str:
-        return override.split("=", 1)[0].lstrip("+~")
-
     left_out = set(hydra_cfg.job.config.override_dirname.exclude_keys)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         given = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
-        left_out |= {key(o.input_line) for o in given if not o.is_sweep_override()}
-    overrides = [o for o in hydra_cfg.overrides.task if key(o) not in left_out]
+        left_out |= {override_key(o.input_line) for o in given if not o.is_sweep_override()}
+    overrides = [o for o in hydra_cfg.overrides.task if override_key(o) not in left_out]
     name = ",".join(sorted(overrides)).replace("/", "_") or "run"
     if len(name.encode()) > limit:
         name = f"{name.encode()[:limit - 9].decode(errors='ignore')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -25,7 +26,6 @@ from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 # Lightning's own reading of the Trainer's device settings; it has no public one.
 from pytorch_lightning.trainer.connectors.accelerator_connector import _AcceleratorConnector
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-import torch.distributed as dist
 
 from deepcnn.errors import SettingsError, reported_errors
 
