@@ -12,12 +12,7 @@ and draws both curves into bench/accuracy_vs_time.png.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import matplotlib
@@ -25,23 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from runs import DATA, ROOT, train  # noqa: E402
+from runs import DATA, ROOT, run_peer, train  # noqa: E402
 
 PEER_EPOCHS = [3, 5, 8]
 # deepcnn's budgets in seconds; the last is the peer's own (its 8 epochs), measured first.
 BUDGETS = [150, 330]
-
-
-def peer(script: Path, epochs: float, data: Path) -> tuple[float, float]:
-    """(accuracy, wall seconds) of one run of the ported peer."""
-    env = {**os.environ, "DATA": str(data / "cifar-10-batches-bin"), "EPOCHS": str(epochs), "SEED": "0"}
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    found = re.search(r"RESULT tta_val_acc=([0-9.]+)", done.stdout)
-    if done.returncode or not found:
-        sys.exit(f"{script} (EPOCHS={epochs}) failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return float(found.group(1)), wall
 
 
 def main() -> None:
@@ -57,7 +40,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: |")
     measured = {int(e): (float(a), float(w)) for e, a, w in (p.split(":") for p in args.peer_measured or [])}
     for epochs in PEER_EPOCHS:
-        accuracy, wall = measured.get(epochs) or peer(args.peer, epochs, args.data)
+        accuracy, wall = measured.get(epochs) or run_peer(args.peer, epochs, args.data)
         points["airbench94_muon"].append((wall, accuracy, f"{epochs} epochs"))
         print(f"| airbench94_muon (CPU port) | {epochs} epochs | {100 * accuracy:.2f}% | {wall:.0f} |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,10 @@
-"""What every benchmark shares: where the data is, a preset's composed config, and one deepcnn training run
-in a fresh process."""
+"""What every benchmark shares: where the data is, a preset's composed config, one deepcnn training run
+in a fresh process, and one run of the record-holding peer."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,3 +36,16 @@ def train(run_dir: Path, overrides: list[str], data: Path = DATA) -> tuple[dict,
     if done.returncode:
         sys.exit(f"train.py {' '.join(overrides)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads((run_dir / "results.json").read_text()), wall
+
+
+def run_peer(script: Path, epochs: float, data: Path) -> tuple[float, float]:
+    """(accuracy, wall seconds from the command to its final accuracy) of one seed-0 run of the record-holding
+    peer, airbench94_muon.py as ../shared/anchors/airbench/port.py ports it to the CPU."""
+    env = {**os.environ, "DATA": str(data / "cifar-10-batches-bin"), "EPOCHS": str(epochs), "SEED": "0"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    found = re.search(r"RESULT tta_val_acc=([0-9.]+)", done.stdout)
+    if done.returncode or not found:
+        sys.exit(f"{script} (EPOCHS={epochs}) failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return float(found.group(1)), wall

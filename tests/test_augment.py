@@ -53,6 +53,16 @@ def test_brightness_and_contrast_then_standardize_match_formulas(images, brightn
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_channel_moments_match_numpy_even_far_from_zero():
+    rng = np.random.default_rng(2)
+    # pixels, and values with a large mean and a small spread, where one-pass formulas lose the variance
+    for x in (rng.integers(0, 256, (5, 3, 24, 24)).astype(np.float32),
+              (1e4 + rng.normal(0, 0.5, (5, 3, 24, 24))).astype(np.float32)):
+        mean, variance = augment.channel_moments(torch.from_numpy(x))
+        np.testing.assert_allclose(mean.numpy(), x.astype(np.float64).mean(axis=(2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(variance.numpy(), x.astype(np.float64).var(axis=(2, 3)), rtol=1e-3)
+
+
 def test_flat_image_keeps_minimum_std_after_brightness_and_contrast():
     flat = np.full((1, 3, 4, 4), 7.0, dtype=np.float32)
     got = augment.standardized_brightness_contrast(torch.from_numpy(flat), torch.tensor([5.0]), torch.tensor([1.5]))

@@ -62,3 +62,10 @@ def test_budgets_it_cannot_meet_and_settings_given_twice_are_refused(tmp_path):
     cfg = composed(tmp_path, "experiment=fast", "budget_s=-5")
     with pytest.raises(SettingsError, match=r"budget_s: got -5; it must be null or a number of seconds > 0"):
         settings.check(cfg)
+
+
+def test_the_preset_as_shipped_is_a_measured_row(tmp_path):
+    cfg = composed(tmp_path, "experiment=fast")
+    shipped = {key: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}), resolve=True)["v"]
+               for key in ("trainer.max_steps", "model.widths", "data.early_steps")}
+    assert shipped in [row["settings"] for row in table(tmp_path)]
