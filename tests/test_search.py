@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import ROOT, run_cli
-from deepcnn import settings
+from deepcnn import cli, settings  # noqa: F401  (cli registers the config resolvers)
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper",
                     reason="the Optuna sweeper comes with the sweep extra: pip install -e '.[sweep]'")
@@ -116,8 +116,11 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on_to_its_summary(tiny_d
 def test_a_stopped_search_runs_only_its_remaining_trials(tiny_data, tmp_path):
     sweep = tmp_path / "search"
     command = [sys.executable, str(ROOT / "src" / "train.py"), *search_command(tiny_data, sweep, 3)]
+    # Ctrl-C as at a terminal: a suite started in the background by a non-interactive shell ignores SIGINT,
+    # and the search would inherit that until its training installs its own handler.
     search = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Ctrl-C once the second trial has started: the first is told to the study before the second is asked for.
     deadline = time.monotonic() + 300
     while not (sweep / "1").exists():
@@ -125,8 +128,9 @@ def test_a_stopped_search_runs_only_its_remaining_trials(tiny_data, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     search.send_signal(signal.SIGINT)
-    search.communicate(timeout=300)
-    assert search.returncode != 0
+    _, stderr = search.communicate(timeout=300)
+    assert search.returncode != 0, (f"the search ignored its SIGINT: trials {[t.state.name for t in trials(sweep)]}, "
+                                    f"stderr: {stderr[-2000:]}")
     assert [trial.state for trial in trials(sweep)] == [COMPLETE, RUNNING]
     first_results = (sweep / "0" / "results.json").read_text()
 
