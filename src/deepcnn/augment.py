@@ -83,8 +83,8 @@ def distort(
     """The recipe's training distortions on a uint8 batch, returning standardized float32, channels_last.
 
     pad > 0 reflects the borders out first, so that a random crop can also translate the image.
-    `mirror`, when given, says which images to flip instead of a coin with flip_prob. Crops are cut from
-    the bytes, before the conversion to float: a quarter of the memory traffic.
+    `mirror`, when given, says which images to flip instead of a coin with flip_prob. Without padding
+    (which reflects in float), crops are cut from the bytes before the conversion: a quarter of the traffic.
     """
     x = F.pad(images.float(), (pad,) * 4, mode="reflect") if pad else images
     n = x.shape[0]
