@@ -118,3 +118,48 @@ def test_matrix_conv_is_a_convolution_whose_weight_is_a_matrix():
     x = torch.randn(2, 6, 8, 8)
     torch.testing.assert_close(matrix(x), plain(x))
     torch.testing.assert_close(matrix(x.contiguous(memory_format=torch.channels_last)), plain(x))
+
+
+@pytest.mark.parametrize("kernel, padding, bias, side", [(3, 1, False, 3), (3, 1, True, 5), (5, 2, True, 4),
+                                                         (3, 0, False, 7), (2, 1, True, 4)])
+def test_small_maps_take_the_weight_gradient_from_unfolded_patches_and_it_is_the_convolutions(kernel, padding, bias,
+                                                                                               side):
+    torch.manual_seed(0)
+    conv = MatrixConv2d(8, 6, kernel, padding=padding, bias=bias).double()
+    x = torch.randn(4, 8, side, side, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    assert conv.patch_gradient(x)
+    g = torch.randn_like(conv(x))
+
+    def gradients(forward):
+        conv.zero_grad()
+        leaf = x.clone().requires_grad_()
+        forward(leaf).backward(g)
+        return [leaf.grad, conv.weight.grad] + ([conv.bias.grad] if bias else [])
+
+    for patched, plain in zip(gradients(conv), gradients(lambda t: conv._conv_forward(t, conv.filters(), conv.bias))):
+        torch.testing.assert_close(patched, plain)
+
+
+def test_patch_gradients_under_bf16_autocast_match_oneDNNs():
+    torch.manual_seed(0)
+    conv = MatrixConv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(32, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for forward in (conv, lambda t: conv._conv_forward(t, conv.filters(), None)):
+        conv.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = forward(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        grads.append(conv.weight.grad)
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-2 * grads[1].abs().max().item())
+
+
+def test_patch_gradients_only_for_training_passes_over_small_maps():
+    conv = MatrixConv2d(4, 4, 3, padding=1)
+    assert conv.patch_gradient(torch.zeros(1, 4, 5, 5))
+    assert not conv.patch_gradient(torch.zeros(1, 4, 6, 6))  # 36 positions: oneDNN's own gradient is faster
+    with torch.no_grad():
+        assert not conv.patch_gradient(torch.zeros(1, 4, 5, 5))
+    assert not MatrixConv2d(4, 4, 3, padding=1, stride=2).patch_gradient(torch.zeros(1, 4, 5, 5))

@@ -3,13 +3,14 @@ import csv
 import json
 import statistics
 import sys
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
 from deepcnn.callbacks import LogLines, StepProgressBar
-from deepcnn.experiment import build_trainer
+from deepcnn.experiment import build_trainer, evaluate_trained
 
 
 @pytest.mark.slow
@@ -134,3 +135,36 @@ def test_every_preset_runs_one_step(shared_data, tmp_path):
     presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
     runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
     assert len(runs) == len(presets) and all(r["status"] == "done" and r["steps"] == 1 for r in runs)
+
+
+class Trainer:
+    """Records which passes evaluate_trained asks for."""
+
+    def __init__(self, step):
+        self.global_step, self.passes, self.callback_metrics = step, [], {"val/accuracy": 0.5}
+
+    def validate(self, module, datamodule, verbose):
+        self.passes.append("validate")
+
+    def test(self, module, datamodule, verbose):
+        self.passes.append("test")
+        module.test_result = {"accuracy": 0.7, "per_class": {}, "confusion": []}
+
+
+@pytest.mark.parametrize("label, last_validated, validation_result, passes, accuracy", [
+    # No validation split: a validation at the last step measured the test set with the final weights.
+    ("test", 100, {"accuracy": 0.6, "per_class": {}, "confusion": []}, [], 0.6),
+    # ... unless this process did not make it (a run resumed from its last step).
+    ("test", 100, None, ["test"], 0.7),
+    ("test", 50, None, ["test"], 0.7),
+    ("val", 100, {"accuracy": 0.6, "per_class": {}, "confusion": []}, ["test"], 0.7),
+    ("val", 50, None, ["validate", "test"], 0.7),
+])
+def test_the_test_set_is_evaluated_once_at_the_end(label, last_validated, validation_result, passes, accuracy):
+    module = SimpleNamespace(history={"accuracy": [(last_validated, 0.6)]}, validation_label=label,
+                             validation_result=validation_result, test_result=None)
+    trainer = Trainer(step=100)
+    summary = evaluate_trained(trainer, module, datamodule=None)
+    assert trainer.passes == passes
+    assert summary["test_accuracy"] == accuracy
+    assert module.history["accuracy"][-1][0] == 100

@@ -186,15 +186,19 @@ def train(cfg: DictConfig) -> dict:
 
 def evaluate_trained(trainer: pl.Trainer, module: Classifier, datamodule) -> dict:
     """Validation accuracy of the final weights (the end of the curve) and the whole test set, once.
-    Without a validation split the curve is test accuracy: its last point is the final test pass."""
+    Without a validation split the curve is test accuracy: its last point is the final test pass, which
+    a validation at the last step has already made."""
     curve, step = module.history["accuracy"], trainer.global_step
     has_validation = module.validation_label == "val"
     measured_at_end = bool(curve) and curve[-1][0] == step
     if has_validation and not measured_at_end:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         curve.append((step, float(trainer.callback_metrics["val/accuracy"])))
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    result = module.test_result
+    # None when this process did not validate (a run resumed from its last step).
+    result = module.validation_result if not has_validation and measured_at_end else None
+    if result is None:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        result = module.test_result
     if not has_validation and not measured_at_end:
         curve.append((step, result["accuracy"]))
     return {

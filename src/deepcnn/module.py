@@ -49,6 +49,7 @@ class Classifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(len(classes))
         self.validation_label = "val"
         self.history: dict[str, list[tuple[int, float]]] = {"loss": [], "accuracy": []}
+        self.validation_result: dict | None = None
         self.test_result: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,10 @@ class Classifier(pl.LightningModule):
         self.val_confusion.update(self.logits(images), labels)
 
     def on_validation_epoch_end(self):
-        accuracy, per_class = accuracies(self.val_confusion.compute(), self.hparams.classes)
+        confusion = self.val_confusion.compute()
         self.val_confusion.reset()
+        accuracy, per_class = accuracies(confusion, self.hparams.classes)
+        self.validation_result = {"accuracy": accuracy, "per_class": per_class, "confusion": confusion.tolist()}
         label = self.validation_label
         self.log(f"{label}/accuracy", accuracy, prog_bar=True)
         for name, value in per_class.items():
