@@ -1,6 +1,7 @@
 """The fast preset's pieces: whitening, test-time augmentation, lookahead averaging, the triangle schedule,
-BatchNorm-bias learning rates, alternating flips, progressive resizing and the in-memory dataset."""
+BatchNorm-bias learning rates, the whitening bias frozen partway, alternating flips, progressive resizing and the in-memory dataset."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from deepcnn.augment import distort, preprocess, shrink, tta_views
 from deepcnn.averaging import Lookahead
 from deepcnn.datamodule import CifarDataModule, TrainStream, step_seed
 from deepcnn.errors import SettingsError
+from deepcnn.freezing import FreezeWhiteningBias
 from deepcnn.models import FastCNN, whitening_filters
 from deepcnn.records import open_dataset
 
@@ -168,3 +170,29 @@ def test_early_size_larger_than_the_crop_is_refused():
     with pytest.raises(SettingsError, match=r"data.early_size=32: the early steps' image side must be between 1 "
                                             r"and data.crop_size=24"):
         CifarDataModule(data_dir="unused", crop_size=24, early_size=32, early_steps=10)
+
+
+@pytest.mark.parametrize("world_size, frozen_from", [(1, 38), (2, None)])
+def test_the_whitening_bias_stops_learning_at_its_fraction_of_the_steps(world_size, frozen_from, caplog):
+    module = SimpleNamespace(model=FastCNN(widths=(8, 8, 8)))
+    freeze = FreezeWhiteningBias(fraction=0.375)
+    trainer = SimpleNamespace(max_steps=100, world_size=world_size, global_step=0)
+    freeze.on_train_start(trainer, module)
+    learning = []
+    for step in range(100):
+        trainer.global_step = step
+        freeze.on_train_batch_start(trainer, module, None, step)
+        learning.append(module.model.whiten.bias.requires_grad)
+    assert learning == [frozen_from is None or step < frozen_from for step in range(100)]
+    if frozen_from:
+        # The backward pass then ends at the first convolution.
+        module.model(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert module.model.whiten.bias.grad is None and module.model.groups[0].conv1.weight.grad is not None
+    else:
+        assert "under DDP the whitening bias keeps learning" in caplog.text
+
+
+def test_freezing_the_whitening_bias_of_a_network_without_one_says_so(caplog):
+    freeze = FreezeWhiteningBias()
+    freeze.on_train_start(SimpleNamespace(world_size=1), SimpleNamespace(model=torch.nn.Linear(2, 2)))
+    assert "Linear has no whitening bias to freeze" in caplog.text
