@@ -92,7 +92,7 @@ def same_max_pool(x: torch.Tensor, side: int) -> torch.Tensor:
 
 # Output maps of at most this many positions take their weight gradient from `PatchGradConv`: oneDNN's bf16
 # weight gradient is slow on small maps (one process on 2 Intel Xeon cores with AMX, batch 1,024, 256 -> 256
-# channels: 47 ms at 3x3 against 12 by unfolded patches, 63 against 43 at 5x5, even at 7x7, slower beyond).
+# channels: 47 ms at 3x3 against 12 by unfolded patches, 63 against 43 at 5x5, about even at 7x7, slower beyond).
 SMALL_MAP = 25
 
 
@@ -112,8 +112,10 @@ class PatchGradConv(torch.autograd.Function):
         (pad_h, pad_w), (k_h, k_w) = ctx.padding, weight.shape[2:]
         # With the real input, not the shape alone as torch.nn.grad.conv2d_input passes: oneDNN then keeps its
         # channels-last layout.
-        grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(ctx.padding), [1, 1], False,
-                                                     [0, 0], 1, [True, False, False])[0] if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(ctx.padding), [1, 1],
+                                                         False, [0, 0], 1, [True, False, False])[0]
         # Rows: output positions; columns: the (kh, kw, channel) patch, channels innermost so that the
         # unfolding copies whole channel runs of the channels-last input.
         patches = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).permute(0, 2, 3, 1).unfold(1, k_h, 1).unfold(2, k_w, 1)
@@ -142,7 +144,7 @@ class MatrixConv2d(nn.Conv2d):
         if not self.patch_gradient(x):
             return self._conv_forward(x, filters, bias)
         if torch.is_autocast_enabled("cpu"):
-            # The casts autocast would make inside F.conv2d, made here so that the backward pass gets the same tensors.
+            # The casts autocast would make inside F.conv2d, made here so that the backward pass sees those tensors.
             dtype = torch.get_autocast_dtype("cpu")
             x, filters, bias = x.to(dtype), filters.to(dtype), None if bias is None else bias.to(dtype)
         return PatchGradConv.apply(x, filters, bias, self.padding)
@@ -152,8 +154,10 @@ class MatrixConv2d(nn.Conv2d):
         if not (self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)):
             return False
-        positions = math.prod(size + 2 * pad - k + 1 for size, pad, k in zip(x.shape[-2:], self.padding, self.kernel_size))
-        return x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and 0 < positions <= SMALL_MAP
+        sizes = zip(x.shape[-2:], self.padding, self.kernel_size)
+        positions = math.prod(size + 2 * pad - k + 1 for size, pad, k in sizes)
+        return (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
+                and 0 < positions <= SMALL_MAP)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before weights were matrices hold 4-D filter banks.

@@ -29,6 +29,12 @@ def accuracies(confusion: torch.Tensor, classes: list[str]) -> tuple[float, dict
     return (confusion.trace() / totals.sum()).item(), per_class
 
 
+def pass_result(confusion: torch.Tensor, classes: list[str]) -> dict:
+    """What one evaluation pass reports: its accuracy, each class's, and the confusion matrix as lists."""
+    accuracy, per_class = accuracies(confusion, classes)
+    return {"accuracy": accuracy, "per_class": per_class, "confusion": confusion.tolist()}
+
+
 class Classifier(pl.LightningModule):
     """Trains `model` on `classes`; evaluates through `logits`, the one path from raw pixels to class scores
     (centre crop, standardization, test-time augmentation) that validation, testing, predict and export share.
@@ -75,13 +81,12 @@ class Classifier(pl.LightningModule):
         self.val_confusion.update(self.logits(images), labels)
 
     def on_validation_epoch_end(self):
-        confusion = self.val_confusion.compute()
+        self.validation_result = pass_result(self.val_confusion.compute(), self.hparams.classes)
         self.val_confusion.reset()
-        accuracy, per_class = accuracies(confusion, self.hparams.classes)
-        self.validation_result = {"accuracy": accuracy, "per_class": per_class, "confusion": confusion.tolist()}
+        accuracy = self.validation_result["accuracy"]
         label = self.validation_label
         self.log(f"{label}/accuracy", accuracy, prog_bar=True)
-        for name, value in per_class.items():
+        for name, value in self.validation_result["per_class"].items():
             if value is not None:
                 self.log(f"{label}_per_class/{name}", value)
         if self.trainer.state.fn == "fit":
@@ -92,11 +97,9 @@ class Classifier(pl.LightningModule):
         self.test_confusion.update(self.logits(images), labels)
 
     def on_test_epoch_end(self):
-        confusion = self.test_confusion.compute()
+        self.test_result = pass_result(self.test_confusion.compute(), self.hparams.classes)
         self.test_confusion.reset()
-        accuracy, per_class = accuracies(confusion, self.hparams.classes)
-        self.log("test/accuracy", accuracy)
-        self.test_result = {"accuracy": accuracy, "per_class": per_class, "confusion": confusion.tolist()}
+        self.log("test/accuracy", self.test_result["accuracy"])
 
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer)
