@@ -1,7 +1,9 @@
 """Reading the CIFAR binary layout: records come back exactly as written."""
 import numpy as np
+import pytest
 
 from conftest import write_dataset, write_records
+from deepcnn.errors import DataError
 from deepcnn.records import CIFAR10, RECORD_SIZE, open_dataset
 
 
@@ -36,3 +38,15 @@ def test_indices_span_files(tmp_path):
     images, labels = data.train.batch(order)
     np.testing.assert_array_equal(labels, records[order, 0])
     np.testing.assert_array_equal(images.reshape(6, -1), records[order, 1:])
+
+
+def test_a_file_cut_short_after_opening_is_named_with_the_record(tmp_path):
+    folder = write_dataset(tmp_path, per_file=10, train_files=2)
+    data = open_dataset(folder)
+    cut = folder / "data_batch_2.bin"
+    with open(cut, "r+b") as f:
+        f.truncate(4 * RECORD_SIZE + 100)
+    images, _ = data.train.batch(np.array([3, 13]))  # records before the cut still read
+    assert images.shape == (2, 3, 32, 32)
+    with pytest.raises(DataError, match=rf"{cut}: file shrank while being read \(record 4\)"):
+        data.train.batch(np.array([0, 14]))
