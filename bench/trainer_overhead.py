@@ -34,7 +34,7 @@ def bare_rate(overrides: list[str], steps: int, data: Path) -> float:
     module = build_module(cfg, datamodule.classes)
     configured = module.configure_optimizers()
     optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-    images, labels = datamodule.on_after_batch_transfer(datamodule.train_dataloader().batch(0), 0)
+    images, labels = next(datamodule.ready_batches([datamodule.train_dataloader().batch(0)]))
     precision, _ = detect_precision(cfg.trainer.precision, "cpu")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     module.train()

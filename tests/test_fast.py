@@ -153,8 +153,9 @@ def test_early_steps_train_on_shrunken_images_then_full_size(tmp_path):
                                  early_size=24, early_steps=3)
     datamodule.setup()
     stream = TrainStream(datamodule.train_records, 8, seed=0)
+    ready = list(datamodule.ready_batches([stream.batch(step) for step in range(5)]))  # distorted together
     for step, size in ((0, 24), (2, 24), (3, 32), (4, 32)):
-        images, labels = datamodule.on_after_batch_transfer(stream.batch(step), 0)
+        images, labels = ready[step]
         assert images.shape == (8, 3, size, size) and images.is_contiguous(memory_format=torch.channels_last)
         generator = torch.Generator().manual_seed(step_seed(0, step))
         full = distort(stream.batch(step)[0], generator, 32, pad=2, max_brightness=0, contrast=None)

@@ -178,13 +178,14 @@ def test_distort_without_random_parts_is_preprocess(seed, n, crop_size, flip):
 
 
 @examples
-@given(seed=seeds, n=st.integers(1, 8), step=st.integers(0, 10**6))
-def test_batch_transfer_keeps_labels_with_their_images(seed, n, step):
+@given(seed=seeds, n=st.integers(1, 8), steps=st.integers(1, 4), first=st.integers(0, 10**6))
+def test_batches_distorted_together_come_out_as_each_alone(seed, n, steps, first):
     module = CifarDataModule(data_dir="unused", crop_size=24, seed=seed)
-    images = uint8_images(seed, n)
-    labels = torch.from_numpy(np.random.default_rng(seed).integers(0, 10, n))
-    x, got = module.on_after_batch_transfer((images, labels, step, None), 0)
-    assert got is labels and x.shape == (n, 3, 24, 24)
-    # Evaluation batches stay raw pixels: the model preprocesses them (Classifier.logits).
-    x, got = module.on_after_batch_transfer((images, labels), 0)
-    assert got is labels and x is images
+    batches = [(uint8_images(seed + k, n), torch.arange(n) + k, first + k, None) for k in range(steps)]
+    together = list(module.ready_batches(batches))
+    assert len(together) == steps
+    for batch, (x, labels) in zip(batches, together):
+        alone, alone_labels = next(module.ready_batches([batch]))
+        assert labels is batch[1] and alone_labels is batch[1] and x.shape == (n, 3, 24, 24)
+        torch.testing.assert_close(x, alone)
+        assert x.is_contiguous(memory_format=torch.channels_last)

@@ -1,8 +1,13 @@
-"""Reading the CIFAR binary layout: records come back exactly as written."""
+"""Reading the CIFAR binary layout: records come back exactly as written, and the training stream hands them out
+step by step, reading ahead in its own thread."""
+import itertools
+
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_dataset, write_records
+from deepcnn.datamodule import CifarDataModule, TrainStream
 from deepcnn.errors import DataError
 from deepcnn.records import CIFAR10, RECORD_SIZE, open_dataset
 
@@ -50,3 +55,23 @@ def test_a_file_cut_short_after_opening_is_named_with_the_record(tmp_path):
     assert images.shape == (2, 3, 32, 32)
     with pytest.raises(DataError, match=rf"{cut}: file shrank while being read \(record 4\)"):
         data.train.batch(np.array([0, 14]))
+
+
+def test_the_stream_hands_out_its_steps_in_order_prepared_together(tmp_path):
+    records = open_dataset(write_dataset(tmp_path, per_file=40, train_files=2)).train
+    raw = TrainStream(records, 16, seed=7, start_step=3)
+    got = list(itertools.islice(raw, 4))
+    assert [step for _, _, step, _ in got] == [3, 4, 5, 6]  # across an epoch's end: 5 steps an epoch
+    for images, labels, step, _ in got:
+        images_alone, labels_alone, _, _ = raw.batch(step)
+        assert torch.equal(images, images_alone) and torch.equal(labels, labels_alone)
+    groups = []
+    prepared = TrainStream(records, 16, seed=7, start_step=3, together=3,
+                           prepare=lambda batches: groups.append([s for _, _, s, _ in batches]) or batches)
+    assert [step for _, _, step, _ in itertools.islice(prepared, 5)] == [3, 4, 5, 6, 7]
+    assert groups == [[3, 4, 5], [6, 7, 8]]
+    # The data module distorts as many whole batches together as fit in data.distort_at_once images.
+    for at_once, together in ((1024, 64), (40, 2), (8, 1)):
+        module = CifarDataModule(str(tmp_path), batch_size=16, val_size=0, distort_at_once=at_once, download=False)
+        module.setup()
+        assert module.train_dataloader().together == together

@@ -69,9 +69,22 @@ def standardized_brightness_contrast(images: torch.Tensor, delta: torch.Tensor, 
                          out=out)
 
 
+def draws(n: int, generator: torch.Generator, window: int | None, flip_prob: float, max_brightness: float,
+          contrast: tuple[float, float] | None, coin: bool) -> tuple[torch.Tensor | None, ...]:
+    """One batch's random draws, in the recipe's order: crop offsets (from `window` positions a side; None for
+    the centre), the mirror coin (when `coin`), brightness deltas, contrast factors."""
+    device = generator.device
+    top, left = (torch.randint(0, window, (n,), generator=generator, device=device) for _ in range(2)) if window \
+        else (None, None)
+    mirror = torch.rand(n, generator=generator, device=device) < flip_prob if coin else None
+    delta = uniform(n, -max_brightness, max_brightness, generator) if max_brightness else torch.zeros(n, device=device)
+    factor = uniform(n, contrast[0], contrast[1], generator) if contrast else torch.ones(n, device=device)
+    return top, left, mirror, delta, factor
+
+
 def distort(
     images: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     crop_size: int,
     random_crop: bool = True,
     pad: int = 0,
@@ -85,21 +98,17 @@ def distort(
     pad > 0 reflects the borders out first, so that a random crop can also translate the image.
     `mirror`, when given, says which images to flip instead of a coin with flip_prob. Without padding
     (which reflects in float), crops are cut from the bytes before the conversion: a quarter of the traffic.
+    A list of generators splits the batch into as many equal parts, each drawn from its own generator: every
+    part comes out as it would alone, for the cost of one batch (on the CPU, mostly the operations' own).
     """
     x = F.pad(images.float(), (pad,) * 4, mode="reflect") if pad else images
-    n = x.shape[0]
-    if random_crop:
-        top = torch.randint(0, x.shape[-2] - crop_size + 1, (n,), generator=generator, device=generator.device)
-        left = torch.randint(0, x.shape[-1] - crop_size + 1, (n,), generator=generator, device=generator.device)
-        x = crop(x, top, left, crop_size)
-    else:
-        x = centre_crop(x, crop_size)
-    x = x.float()
-    if mirror is None:
-        mirror = torch.rand(n, generator=generator, device=generator.device) < flip_prob
-    x = flip(x, mirror)
-    delta = uniform(n, -max_brightness, max_brightness, generator) if max_brightness else x.new_zeros(n)
-    factor = uniform(n, contrast[0], contrast[1], generator) if contrast else x.new_ones(n)
+    generators = generator if isinstance(generator, list) else [generator]
+    window = x.shape[-1] - crop_size + 1 if random_crop else None
+    parts = [draws(len(x) // len(generators), g, window, flip_prob, max_brightness, contrast, mirror is None)
+             for g in generators]
+    top, left, coin, delta, factor = (torch.cat(drawn) if drawn[0] is not None else None for drawn in zip(*parts))
+    x = crop(x, top, left, crop_size) if random_crop else centre_crop(x, crop_size)
+    x = flip(x.float(), coin if mirror is None else mirror)
     return standardized_brightness_contrast(x, delta, factor)
 
 
