@@ -7,7 +7,8 @@ The bare step is the same network, loss, optimizer and schedule (built from the 
 same precision) stepped in a plain loop over one fixed batch of already-distorted real images: no
 data reading, no distortion, no Lightning. The full run is `python src/train.py` for the same number
 of steps (all 50,000 images, validation only at the end), its training images/s as it reports them.
-Runs alternate, so both see the same machine load; the ratio of medians is the figure.
+Runs alternate, so both see the same machine load; the figures are the ratio of the medians and the median
+of each round's own ratio (which a host that drifts between rounds moves less).
 """
 from __future__ import annotations
 
@@ -71,10 +72,13 @@ def main() -> None:
                                                       f"trainer.val_check_interval={args.steps}", *args.overrides],
                               args.data)
             full.append(result["images_per_second"])
-            print(f"round {r + 1}: bare step {bare[-1]:8.1f} img/s   full run {full[-1]:8.1f} img/s", flush=True)
+            print(f"round {r + 1}: bare step {bare[-1]:8.1f} img/s   full run {full[-1]:8.1f} img/s   "
+                  f"slower by {100 * (1 - full[-1] / bare[-1]):5.1f}%", flush=True)
     bare_median, full_median = statistics.median(bare), statistics.median(full)
+    paired = statistics.median(1 - f / b for f, b in zip(full, bare))
     print(f"{args.steps} steps, {args.rounds} rounds: bare step {bare_median:.0f} img/s, full run {full_median:.0f} "
-          f"img/s: the run is {100 * (1 - full_median / bare_median):.1f}% slower")
+          f"img/s: the run is {100 * (1 - full_median / bare_median):.1f}% slower (median of the rounds' own "
+          f"ratios: {100 * paired:.1f}%)")
 
 
 if __name__ == "__main__":
