@@ -112,6 +112,18 @@ def test_distort_pipeline_matches_formula_with_same_draws(images):
     np.testing.assert_allclose(got, np_standardize(np_contrast(np_brightness(x, delta), factor)), rtol=1e-4, atol=1e-4)
 
 
+def test_crop_offsets_of_an_oblong_image_range_over_each_side():
+    images = np.random.default_rng(3).integers(0, 256, size=(64, 3, 40, 32)).astype(np.uint8)
+    got = augment.distort(torch.from_numpy(images), torch.Generator().manual_seed(5), 24, flip_prob=0.0,
+                          max_brightness=0, contrast=None).numpy()
+    g = torch.Generator().manual_seed(5)
+    top = torch.randint(0, 17, (64,), generator=g).numpy()  # 40 - 24 + 1 positions down, 32 - 24 + 1 across
+    left = torch.randint(0, 9, (64,), generator=g).numpy()
+    assert top.max() > 8
+    x = np.stack([img[:, t : t + 24, l : l + 24] for img, t, l in zip(images.astype(np.float32), top, left)])
+    np.testing.assert_allclose(got, np_standardize(x), rtol=1e-4, atol=1e-4)
+
+
 def test_distort_output_is_standardized_and_varies_with_seed():
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     n = len(images)

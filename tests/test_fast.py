@@ -1,5 +1,6 @@
 """The fast preset's pieces: whitening, test-time augmentation, lookahead averaging, the triangle schedule,
-BatchNorm-bias learning rates, the whitening bias frozen partway, alternating flips, progressive resizing and the in-memory dataset."""
+BatchNorm-bias learning rates, the whitening bias frozen partway, alternating flips, progressive resizing and
+the in-memory dataset."""
 import json
 from types import SimpleNamespace
 

@@ -69,12 +69,12 @@ def standardized_brightness_contrast(images: torch.Tensor, delta: torch.Tensor, 
                          out=out)
 
 
-def draws(n: int, generator: torch.Generator, window: int | None, flip_prob: float, max_brightness: float,
-          contrast: tuple[float, float] | None, coin: bool) -> tuple[torch.Tensor | None, ...]:
-    """One batch's random draws, in the recipe's order: crop offsets (from `window` positions a side; None for
-    the centre), the mirror coin (when `coin`), brightness deltas, contrast factors."""
+def draws(n: int, generator: torch.Generator, windows: tuple[int, int] | None, flip_prob: float,
+          max_brightness: float, contrast: tuple[float, float] | None, coin: bool) -> tuple[torch.Tensor | None, ...]:
+    """One batch's random draws, in the recipe's order: crop offsets (from `windows` positions down and across;
+    None for the centre), the mirror coin (when `coin`), brightness deltas, contrast factors."""
     device = generator.device
-    top, left = (torch.randint(0, window, (n,), generator=generator, device=device) for _ in range(2)) if window \
+    top, left = (torch.randint(0, w, (n,), generator=generator, device=device) for w in windows) if windows \
         else (None, None)
     mirror = torch.rand(n, generator=generator, device=device) < flip_prob if coin else None
     delta = uniform(n, -max_brightness, max_brightness, generator) if max_brightness else torch.zeros(n, device=device)
@@ -103,8 +103,8 @@ def distort(
     """
     x = F.pad(images.float(), (pad,) * 4, mode="reflect") if pad else images
     generators = generator if isinstance(generator, list) else [generator]
-    window = x.shape[-1] - crop_size + 1 if random_crop else None
-    parts = [draws(len(x) // len(generators), g, window, flip_prob, max_brightness, contrast, mirror is None)
+    windows = tuple(side - crop_size + 1 for side in x.shape[-2:]) if random_crop else None
+    parts = [draws(len(x) // len(generators), g, windows, flip_prob, max_brightness, contrast, mirror is None)
              for g in generators]
     top, left, coin, delta, factor = (torch.cat(drawn) if drawn[0] is not None else None for drawn in zip(*parts))
     x = crop(x, top, left, crop_size) if random_crop else centre_crop(x, crop_size)
