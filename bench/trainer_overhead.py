@@ -9,6 +9,11 @@ data reading, no distortion, no Lightning. The full run is `python src/train.py`
 of steps (all 50,000 images, validation only at the end), its training images/s as it reports them.
 Runs alternate, so both see the same machine load; the figures are the ratio of the medians and the median
 of each round's own ratio (which a host that drifts between rounds moves less).
+
+Each round also runs both with the network shrunk to almost nothing (`--empty`, the recipe's model by
+default): there the arithmetic leaves the cores free, and the difference between the two is what the run
+itself costs a step (Lightning, the callbacks, reading and distorting), apart from what it takes from the
+arithmetic when the two share the cores.
 """
 from __future__ import annotations
 
@@ -61,24 +66,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--empty", nargs="*", default=["model.channels=1", "model.hidden=[1,1]"],
+                        help="overrides that shrink the network to almost nothing, for the recipe's model by default; "
+                             "another preset's model needs its own, and --empty alone skips the measurement")
     parser.add_argument("overrides", nargs="*", help="overrides for both, e.g. experiment=fast")
     args = parser.parse_args()
     keep_freed_memory()
-    bare, full = [], []
+    ms = {"bare": [], "full": [], "empty bare": [], "empty full": []}
+    batch = compose_config(args.overrides).data.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            bare.append(bare_rate(args.overrides, args.steps, args.data))
-            result, _ = train(Path(tmp) / f"run{r}", [f"trainer.max_steps={args.steps}", "data.val_size=0",
-                                                      f"trainer.val_check_interval={args.steps}", *args.overrides],
-                              args.data)
-            full.append(result["images_per_second"])
-            print(f"round {r + 1}: bare step {bare[-1]:8.1f} img/s   full run {full[-1]:8.1f} img/s   "
-                  f"slower by {100 * (1 - full[-1] / bare[-1]):5.1f}%", flush=True)
-    bare_median, full_median = statistics.median(bare), statistics.median(full)
-    paired = statistics.median(1 - f / b for f, b in zip(full, bare))
-    print(f"{args.steps} steps, {args.rounds} rounds: bare step {bare_median:.0f} img/s, full run {full_median:.0f} "
-          f"img/s: the run is {100 * (1 - full_median / bare_median):.1f}% slower (median of the rounds' own "
+            for label, extra in (("", []), ("empty ", args.empty)) if args.empty else (("", []),):
+                overrides = [*args.overrides, *extra]
+                ms[f"{label}bare"].append(1000 * batch / bare_rate(overrides, args.steps, args.data))
+                result, _ = train(Path(tmp) / f"run{r}{label.strip()}",
+                                  [f"trainer.max_steps={args.steps}", "data.val_size=0",
+                                   f"trainer.val_check_interval={args.steps}", *overrides], args.data)
+                ms[f"{label}full"].append(1000 * batch / result["images_per_second"])
+            line = f"round {r + 1}: bare step {ms['bare'][-1]:6.2f} ms   full run {ms['full'][-1]:6.2f} ms   " \
+                   f"slower by {100 * (1 - ms['bare'][-1] / ms['full'][-1]):5.1f}%"
+            if args.empty:
+                line += f"   empty network: bare {ms['empty bare'][-1]:5.2f} ms, full {ms['empty full'][-1]:5.2f} ms"
+            print(line, flush=True)
+    median = {key: statistics.median(values) for key, values in ms.items() if values}
+    paired = statistics.median(1 - b / f for f, b in zip(ms["full"], ms["bare"]))
+    print(f"{args.steps} steps, {args.rounds} rounds: bare step {median['bare']:.2f} ms, full run {median['full']:.2f} "
+          f"ms: the run is {100 * (1 - median['bare'] / median['full']):.1f}% slower (median of the rounds' own "
           f"ratios: {100 * paired:.1f}%)")
+    if args.empty:
+        own = statistics.median(f - b for f, b in zip(ms["empty full"], ms["empty bare"]))
+        taken = median["full"] - median["bare"] - own
+        print(f"of the full run's step: {100 * own / median['full']:.1f}% ({own:.2f} ms) is the run's own work, measured "
+              f"with an almost empty network; {100 * taken / median['full']:.1f}% ({taken:.2f} ms) is what that work "
+              "takes from the arithmetic when they share the cores")
 
 
 if __name__ == "__main__":

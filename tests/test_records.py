@@ -1,6 +1,7 @@
 """Reading the CIFAR binary layout: records come back exactly as written, and the training stream hands them out
 step by step, reading ahead in its own thread."""
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +56,31 @@ def test_a_file_cut_short_after_opening_is_named_with_the_record(tmp_path):
     assert images.shape == (2, 3, 32, 32)
     with pytest.raises(DataError, match=rf"{cut}: file shrank while being read \(record 4\)"):
         data.train.batch(np.array([0, 14]))
+
+
+def test_the_stream_does_not_read_while_a_group_is_prepared(tmp_path):
+    records = open_dataset(write_dataset(tmp_path, per_file=40, train_files=2)).train
+    events = []
+
+    def prepare(batches):
+        events.append("prepare")
+        time.sleep(0.2)  # long enough for the reading thread to refill the queue, were it let
+        events.append("prepared")
+        return batches
+
+    class Logged(TrainStream):
+        def batch(self, step):
+            events.append(step)
+            return super().batch(step)
+
+    stream = Logged(records, 16, seed=7, prefetch=4, together=4, prepare=prepare)
+    assert [step for _, _, step, _ in itertools.islice(stream, 8)] == list(range(8))
+    reads_while_preparing = []
+    for start in (i for i, event in enumerate(events) if event == "prepare"):
+        end = events.index("prepared", start)
+        reads_while_preparing.append(len(events[start + 1 : end]))
+    # Four slots free up as a group is taken; at most one read, already past the wait, may still start.
+    assert len(reads_while_preparing) == 2 and max(reads_while_preparing) <= 1
 
 
 def test_the_stream_hands_out_its_steps_in_order_prepared_together(tmp_path):
