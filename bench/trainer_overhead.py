@@ -74,9 +74,10 @@ def main() -> None:
     keep_freed_memory()
     ms = {"bare": [], "full": [], "empty bare": [], "empty full": []}
     batch = compose_config(args.overrides).data.batch_size
+    networks = [("", [])] + ([("empty ", args.empty)] if args.empty else [])
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for label, extra in (("", []), ("empty ", args.empty)) if args.empty else (("", []),):
+            for label, extra in networks:
                 overrides = [*args.overrides, *extra]
                 ms[f"{label}bare"].append(1000 * batch / bare_rate(overrides, args.steps, args.data))
                 result, _ = train(Path(tmp) / f"run{r}{label.strip()}",
