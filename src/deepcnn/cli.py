@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 # Hydra plugins that are optional extras of pyproject.toml, by the config option that names them.
-PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "cluster",
-                 "hydra/launcher/submitit_local": "cluster", "hydra/launcher/submitit_slurm": "cluster"}
+PLUGIN_EXTRAS = {"hydra/launcher/joblib": "cluster", "hydra/launcher/submitit_local": "cluster",
+                 "hydra/launcher/submitit_slurm": "cluster"}
 _claimed: dict[str, str] = {}
 
 

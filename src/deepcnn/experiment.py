@@ -26,6 +26,7 @@ from deepcnn.checkpoints import AtomicCheckpointIO
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
 from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
+from deepcnn.pruning import Pruned
 from deepcnn.sync_batchnorm import BatchNormSync
 
 log = logging.getLogger("deepcnn")
@@ -243,12 +244,20 @@ def train_job(cfg: DictConfig) -> float:
     In a sweep, a run that fails is recorded as failed, with its reason, in its results.json, and the
     sweep goes on. Hydra's basic sweeper would stop the sweep on an exception, so there the run returns
     NaN; a sweeper that chooses the next values (Optuna) is told of the failure by a RunFailed, which
-    it records and counts against its max_failure_rate. Alone, the error reaches the command line; a
-    signal stops a sweep too.
+    it records and counts against its max_failure_rate. A trial its study's pruner stops is recorded as
+    pruned, with the accuracy it reached. Alone, the error reaches the command line; a signal stops a
+    sweep too.
     """
     try:
         summary = train(cfg)
     except Interrupted:
+        raise
+    except Pruned as pruned:
+        # The sweeper tells the study the trial was pruned; the summary shows the accuracy it reached.
+        log.info(f"run {pruned}")
+        reports.write_json(Path(cfg.run_dir) / "results.json", {
+            "status": "pruned", "reason": str(pruned), "objective": None, "val_accuracy": pruned.accuracy,
+            "test_accuracy": None, "steps": pruned.step, "train_seconds": None, "images_per_second": None})
         raise
     except Exception as err:
         hydra_cfg = HydraConfig.get()
