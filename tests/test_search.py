@@ -32,6 +32,8 @@ from optuna.trial import TrialState  # noqa: E402
 COMPLETE, FAIL, PRUNED, RUNNING = TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING
 # Made by Optuna 2.10.1 with SQLAlchemy 1.4 (tests/data/README.md).
 OLD_STUDY = Path(__file__).parent / "data" / "optuna-2.10-study.db"
+# Three validations a trial, at steps 2, 4 and 6.
+SIX_STEPS = ["trainer.max_steps=6", "trainer.val_check_interval=2"]
 # A few seconds a trial.
 TINY = ["data.val_size=32", "data.batch_size=16", "trainer.max_steps=4", "trainer.val_check_interval=4",
         "trainer.precision=32", "model.channels=8", "model.hidden=[16,8]"]
@@ -202,8 +204,8 @@ def test_a_pruned_trial_stops_at_the_step_its_pruner_says_and_is_summarised_with
     """A pruner that prunes every trial below an accuracy of 1.1, that is all of them, at their first
     validation (step 2 of 6): each is recorded as pruned, its last reported accuracy its value."""
     sweep = tmp_path / "search"
-    result = run_cli("train.py", *search_command(tiny_data, sweep, 2, "trainer.max_steps=6", "trainer.val_check_interval=2",
-                                                 "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"))
+    prune_all = "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"
+    result = run_cli("train.py", *search_command(tiny_data, sweep, 2, *SIX_STEPS, prune_all))
     assert result.returncode == 0, result.stderr[-3000:]
     found = trials(sweep)
     assert [trial.state for trial in found] == [PRUNED, PRUNED]
@@ -219,9 +221,29 @@ def test_a_pruned_trial_stops_at_the_step_its_pruner_says_and_is_summarised_with
     assert "No trial of study search completed" in result.stdout
 
 
+def test_the_median_pruner_stops_a_trial_lagging_the_study_at_the_same_step(tiny_data, tmp_path):
+    """The study already holds a trial that reached 100% at every step: the next trial, below that
+    median at its first validation (step 2 of 6), is pruned there."""
+    sweep = tmp_path / "search"
+    sweep.mkdir()
+    space, _ = search_space(["optimizer.lr=tag(log, interval(0.003, 0.2))"])
+    study = optuna.create_study(study_name="search", storage=f"sqlite:///{sweep}/study.db",
+                                direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": 0.01}, distributions=space, value=1.0,
+                                              intermediate_values={2: 1.0, 4: 1.0, 6: 1.0}))
+    result = run_cli("train.py", *search_command(tiny_data, sweep, 2, *SIX_STEPS, "hydra/sweeper/pruner=median",
+                                                 "hydra.sweeper.pruner.n_startup_trials=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming study search: 1 of 2 trials finished, 1 to run" in result.stdout
+    first, pruned = trials(sweep)
+    assert first.state == COMPLETE and pruned.state == PRUNED and list(pruned.intermediate_values) == [2]
+    assert pruned.value == pruned.intermediate_values[2] < 1.0
+    assert (results(sweep / "1")["status"], results(sweep / "1")["steps"]) == ("pruned", 2)
+
+
 def test_without_a_pruner_every_validation_is_told_to_the_study(tiny_data, tmp_path):
     sweep = tmp_path / "search"
-    result = run_cli("train.py", *search_command(tiny_data, sweep, 1, "trainer.max_steps=6", "trainer.val_check_interval=2"))
+    result = run_cli("train.py", *search_command(tiny_data, sweep, 1, *SIX_STEPS))
     assert result.returncode == 0, result.stderr[-3000:]
     (trial,) = trials(sweep)
     curve = json.loads((sweep / "0" / "results.json").read_text())
