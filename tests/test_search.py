@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from hydra.utils import instantiate
 
 from conftest import ROOT, run_cli
 from deepcnn import cli, settings  # noqa: F401  (cli registers the config resolvers)
+from deepcnn.pruning import Pruned
 
 optuna = pytest.importorskip("optuna", reason="Optuna comes with the sweep extra: pip install -e '.[sweep]'")
 from hydra_plugins.deepcnn_search import search_space  # noqa: E402
@@ -239,6 +241,12 @@ def test_the_median_pruner_stops_a_trial_lagging_the_study_at_the_same_step(tiny
     assert first.state == COMPLETE and pruned.state == PRUNED and list(pruned.intermediate_values) == [2]
     assert pruned.value == pruned.intermediate_values[2] < 1.0
     assert (results(sweep / "1")["status"], results(sweep / "1")["steps"]) == ("pruned", 2)
+
+
+def test_a_pruned_trial_comes_back_whole_from_a_launchers_worker_process():
+    back = pickle.loads(pickle.dumps(Pruned(40, 0.3125)))
+    assert (back.step, back.accuracy, str(back)) == (
+        40, 0.3125, "pruned at step 40: validation accuracy 0.3125 lags the study's other trials at that step")
 
 
 def test_without_a_pruner_every_validation_is_told_to_the_study(tiny_data, tmp_path):

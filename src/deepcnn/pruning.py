@@ -20,9 +20,13 @@ class Pruned(Exception):
     """The study's pruner stopped this run's trial."""
 
     def __init__(self, step: int, accuracy: float):
-        super().__init__(f"pruned at step {step}: validation accuracy {accuracy:.4f} lags the study's other "
-                         "trials at that step")
+        # Its arguments as the exception's: a launcher's worker process sends it back pickled.
+        super().__init__(step, accuracy)
         self.step, self.accuracy = step, accuracy
+
+    def __str__(self) -> str:
+        return f"pruned at step {self.step}: validation accuracy {self.accuracy:.4f} lags the study's other " \
+               "trials at that step"
 
 
 def search_trial():
