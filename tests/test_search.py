@@ -124,6 +124,16 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on_to_its_summary(tiny_d
     assert [row["status"] for row in summary_rows(sweep)] == ["failed", "failed"]
 
 
+def test_failures_beyond_the_max_failure_rate_stop_the_search_with_one_line(tiny_data, tmp_path):
+    sweep = tmp_path / "search"
+    result = run_cli("train.py", *search_command(tiny_data, sweep, 3, "optimizer.lr=1e30",
+                                                 "hydra.sweeper.max_failure_rate=0.5"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "deepcnn: error: 1 of 1 trials failed, more than hydra.sweeper.max_failure_rate=0.5; the last: loss became nan")
+    assert [trial.state for trial in trials(sweep)] == [FAIL]
+
+
 def test_a_stopped_search_runs_only_its_remaining_trials(tiny_data, tmp_path):
     sweep = tmp_path / "search"
     command = [sys.executable, str(ROOT / "src" / "train.py"), *search_command(tiny_data, sweep, 3)]

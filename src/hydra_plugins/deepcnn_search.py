@@ -92,7 +92,8 @@ def search_space(overrides: Sequence[str]) -> tuple[dict, dict]:
 
 def open_storage(url: str):
     """The study's storage; one made by an older Optuna stops the search naming Optuna's own upgrade."""
-    optuna = import_optuna()
+    import optuna
+
     try:
         return optuna.storages.RDBStorage(url)
     except RuntimeError as err:
@@ -127,7 +128,8 @@ class ResumableOptunaSweeper(Sweeper):
 
     def open_study(self):
         """The study, created or carried on; the sampler seeded past the trials it already holds."""
-        optuna = import_optuna()
+        import optuna
+
         if isinstance(self.pruner, str):
             raise SettingsError(f"hydra.sweeper.pruner={self.pruner}: a pruner is a config group, chosen with "
                                 f"hydra/sweeper/pruner={self.pruner}")
