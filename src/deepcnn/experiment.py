@@ -171,8 +171,9 @@ def train(cfg: DictConfig) -> dict:
                               stopped.signum) from None
         trainer.save_checkpoint(last, weights_only=False)
         summary = evaluate_trained(trainer, module, datamodule)
-        summary.update(steps=trainer.global_step, train_seconds=round(timer.seconds, 3),
-                       images_per_second=timer.images_per_second, checkpoint=str(last.resolve()))
+        summary.update(parameters=sum(p.numel() for p in module.model.parameters()), steps=trainer.global_step,
+                       train_seconds=round(timer.seconds, 3), images_per_second=timer.images_per_second,
+                       checkpoint=str(last.resolve()))
         if trainer.is_global_zero:
             write_reports(module, summary, run_dir, trainer.loggers)
     finally:
