@@ -238,6 +238,13 @@ def write_reports(module: Classifier, summary: dict, run_dir: Path, loggers: lis
     log.info(f"{summary['images_per_second']} training images/s; run directory: {run_dir}")
 
 
+def write_failed_results(run_dir: Path, reason: str) -> None:
+    """results.json of a run of a sweep that failed: its reason, and no measurements."""
+    reports.write_json(run_dir / "results.json", {
+        "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
+        "steps": None, "train_seconds": None, "images_per_second": None})
+
+
 def train_job(cfg: DictConfig) -> float:
     """train.py's task: the run's objective, validation accuracy (test accuracy without a split).
 
@@ -257,9 +264,7 @@ def train_job(cfg: DictConfig) -> float:
             raise
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
-        reports.write_json(Path(cfg.run_dir) / "results.json", {
-            "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
-            "steps": None, "train_seconds": None, "images_per_second": None})
+        write_failed_results(Path(cfg.run_dir), reason)
         if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
             raise RunFailed(reason) from err
         return float("nan")
