@@ -3,6 +3,7 @@ code 2; Hydra's own findings (an unknown key or option) end the same way."""
 import importlib.util
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
@@ -136,3 +137,15 @@ def test_a_trainer_setting_lightning_refuses_is_one_line(key, value, message, tm
     with pytest.raises(SettingsError) as err:
         build_trainer(cfg.trainer, tmp_path, [], [])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("width", [16, 32])
+def test_the_fast_network_takes_only_the_whitening_width_its_filters_fill(width):
+    from deepcnn.models import whitening_filters, whitening_width
+
+    assert whitening_width() == len(whitening_filters(torch.rand(8, 3, 8, 8), size=2))
+    settings.check(composed("experiment=fast"))
+    with pytest.raises(SettingsError) as err:
+        settings.check(composed("experiment=fast", f"model.whiten_width={width}"))
+    assert str(err.value) == (f"model.whiten_width: got {width}; it must be {whitening_width()}, the filters the fast "
+                              "network's 2x2 whitening of 3 channels gives")

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deepcnn.errors import SettingsError
+from deepcnn.models import whitening_width
 
 ABSENT = object()
 
@@ -75,7 +76,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.hidden": POSITIVE_INTEGERS,
     "model.channels": integer(1),
     "model.convs_per_block": integer(1),
-    "model.whiten_width": integer(1),
+    # The fast network's whitening keeps every filter a 2x2 patch of RGB gives: fewer would drop some silently,
+    # more cannot be filled.
+    "model.whiten_width": (lambda v: v == whitening_width(), f"{whitening_width()}, the filters the fast network's "
+                           "2x2 whitening of 3 channels gives"),
     "optimizer.lr": number(0, low_open=True),
     "optimizer.momentum": number(0, 1, high_open=True),
     "optimizer.weight_decay": number(0),
