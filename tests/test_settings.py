@@ -49,6 +49,8 @@ BAD = [
     ("+optimizer.betas=[0.9,0.99]", "optimizer.betas: unknown key", "torch.optim.SGD takes"),
     ("+model.input_size=32", "model.input_size: set by deepcnn from data.crop_size", "leave it out"),
     ("+data.augment.hue=0.1", "data.augment.hue: unknown distortion", "data.augment takes random_crop, pad"),
+    ("+callbacks.best_checkpoint.montior=val/loss", "callbacks.best_checkpoint.montior: unknown key",
+     "pytorch_lightning.callbacks.ModelCheckpoint takes auto_insert_metric_name"),
 ]
 
 
@@ -96,6 +98,10 @@ def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
 
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
+    ("+callbacks.best_checkpoint.every_n_step=10", "deepcnn: error: callbacks.best_checkpoint.every_n_step: unknown "
+                                                    "key; pytorch_lightning.callbacks.ModelCheckpoint takes"),
+    ("+callbacks.early_stopping.patience=3", "deepcnn: error: callbacks.early_stopping: not a chosen callback (it has "
+                                             "no _target_); choose callbacks with callbacks=[default,early_stopping]"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
                         "'scheduler':; constant; cosine; deep; exponential; linear; recipe_tuned; triangle"),

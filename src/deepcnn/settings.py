@@ -133,3 +133,10 @@ def check(cfg: DictConfig) -> None:
     for group, extra in (("model", set()), ("optimizer", {"param_groups"}), ("scheduler", set()), ("loss", set()),
                          ("data", set())):
         check_keys(group, cfg[group], extra)
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is None:
+            continue
+        if not (isinstance(callback, DictConfig) and "_target_" in callback):
+            raise SettingsError(f"callbacks.{name}: not a chosen callback (it has no _target_); choose callbacks "
+                                f"with callbacks=[default,{name}] when conf/callbacks/{name}.yaml exists")
+        check_keys(f"callbacks.{name}", callback)
