@@ -40,6 +40,10 @@ class Lookahead(pl.Callback):
         elif step % self.every == 0:
             self.update(pl_module.model, self.decay(step, trainer.max_steps))
 
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step < trainer.max_steps and self.average is not None:
+            self.update(pl_module.model, 1.0)
+
     def state_dict(self):
         return {"average": self.average}
 

@@ -191,7 +191,11 @@ def evaluate_trained(trainer: pl.Trainer, module: Classifier, datamodule) -> dic
     a validation at the last step has already made."""
     curve, step = module.history["accuracy"], trainer.global_step
     has_validation = module.validation_label == "val"
-    measured_at_end = bool(curve) and curve[-1][0] == step
+    # Training stopped before max_steps may have changed the weights after its last validation (lookahead's
+    # final swap to the average): they are measured again, and that point of the curve replaced.
+    measured_at_end = bool(curve) and curve[-1][0] == step and step >= trainer.max_steps
+    if curve and curve[-1][0] == step and not measured_at_end:
+        curve.pop()
     if has_validation and not measured_at_end:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         curve.append((step, float(trainer.callback_metrics["val/accuracy"])))

@@ -144,6 +144,12 @@ class DeepCNN(nn.Module):
         return self.head(torch.amax(self.features(x), dim=(2, 3)))
 
 
+def whitening_width(channels: int = 3, size: int = 2) -> int:
+    """How many filters `whitening_filters` gives: an eigenvector of the channels x size x size patch
+    covariance each, and its negative."""
+    return 2 * channels * size * size
+
+
 def whitening_filters(images: torch.Tensor, size: int = 2, eps: float = 5e-4) -> torch.Tensor:
     """Conv filters that whiten size x size patches of `images` (N, C, H, W, float), with their negatives.
 
@@ -190,7 +196,7 @@ class FastCNN(nn.Module):
     and BatchNorm has fixed scales and fast-moving statistics.
     """
 
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24,
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = whitening_width(),
                  bn_momentum: float = 0.4, head_scale: float = 1 / 9):
         super().__init__()
         self.whiten = nn.Conv2d(3, whiten_width, 2)

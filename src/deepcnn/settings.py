@@ -11,6 +11,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deepcnn.errors import SettingsError
+from deepcnn.models import whitening_width
 
 ABSENT = object()
 
@@ -77,7 +78,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.hidden": POSITIVE_INTEGERS,
     "model.channels": integer(1),
     "model.convs_per_block": integer(1),
-    "model.whiten_width": integer(1),
+    # The fast network's whitening keeps every filter a 2x2 patch of RGB gives: fewer would drop some silently,
+    # more cannot be filled.
+    "model.whiten_width": (lambda v: v == whitening_width(), f"{whitening_width()}, the filters the fast network's "
+                           "2x2 whitening of 3 channels gives"),
     "optimizer.lr": number(0, low_open=True),
     "optimizer.momentum": number(0, 1, high_open=True),
     "optimizer.weight_decay": number(0),
@@ -146,4 +150,11 @@ def check(cfg: DictConfig) -> None:
     for group, extra in (("model", set()), ("optimizer", {"param_groups"}), ("scheduler", set()), ("loss", set()),
                          ("data", set())):
         check_keys(group, cfg[group], extra)
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is None:
+            continue
+        if not (isinstance(callback, DictConfig) and "_target_" in callback):
+            raise SettingsError(f"callbacks.{name}: not a chosen callback (it has no _target_); choose callbacks "
+                                f"with callbacks=[default,{name}] when conf/callbacks/{name}.yaml exists")
+        check_keys(f"callbacks.{name}", callback)
     check_network(cfg)
