@@ -3,6 +3,7 @@ code 2; Hydra's own findings (an unknown key or option) end the same way."""
 import importlib.util
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
@@ -48,6 +49,8 @@ BAD = [
     ("+optimizer.betas=[0.9,0.99]", "optimizer.betas: unknown key", "torch.optim.SGD takes"),
     ("+model.input_size=32", "model.input_size: set by deepcnn from data.crop_size", "leave it out"),
     ("+data.augment.hue=0.1", "data.augment.hue: unknown distortion", "data.augment takes random_crop, pad"),
+    ("+callbacks.best_checkpoint.montior=val/loss", "callbacks.best_checkpoint.montior: unknown key",
+     "pytorch_lightning.callbacks.ModelCheckpoint takes auto_insert_metric_name"),
 ]
 
 
@@ -88,6 +91,10 @@ def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
 
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
+    ("+callbacks.best_checkpoint.every_n_step=10", "deepcnn: error: callbacks.best_checkpoint.every_n_step: unknown "
+                                                    "key; pytorch_lightning.callbacks.ModelCheckpoint takes"),
+    ("+callbacks.early_stopping.patience=3", "deepcnn: error: callbacks.early_stopping: not a chosen callback (it has "
+                                             "no _target_); choose callbacks with callbacks=[default,early_stopping]"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
                         "'scheduler':; constant; cosine; deep; exponential; linear; recipe_tuned; triangle"),
@@ -122,3 +129,15 @@ def test_a_trainer_setting_lightning_refuses_is_one_line(key, value, message, tm
     with pytest.raises(SettingsError) as err:
         build_trainer(cfg.trainer, tmp_path, [], [])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("width", [16, 32])
+def test_the_fast_network_takes_only_the_whitening_width_its_filters_fill(width):
+    from deepcnn.models import whitening_filters, whitening_width
+
+    assert whitening_width() == len(whitening_filters(torch.rand(8, 3, 8, 8), size=2))
+    settings.check(composed("experiment=fast"))
+    with pytest.raises(SettingsError) as err:
+        settings.check(composed("experiment=fast", f"model.whiten_width={width}"))
+    assert str(err.value) == (f"model.whiten_width: got {width}; it must be {whitening_width()}, the filters the fast "
+                              "network's 2x2 whitening of 3 channels gives")

@@ -6,9 +6,12 @@ import inspect
 from typing import Any, Callable
 
 import hydra
+import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deepcnn.errors import SettingsError
+from deepcnn.models import whitening_width
 
 ABSENT = object()
 
@@ -75,7 +78,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.hidden": POSITIVE_INTEGERS,
     "model.channels": integer(1),
     "model.convs_per_block": integer(1),
-    "model.whiten_width": integer(1),
+    # The fast network's whitening keeps every filter a 2x2 patch of RGB gives: fewer would drop some silently,
+    # more cannot be filled.
+    "model.whiten_width": (lambda v: v == whitening_width(), f"{whitening_width()}, the filters the fast network's "
+                           "2x2 whitening of 3 channels gives"),
     "optimizer.lr": number(0, low_open=True),
     "optimizer.momentum": number(0, 1, high_open=True),
     "optimizer.weight_decay": number(0),
@@ -117,6 +123,21 @@ def check_keys(path: str, node: DictConfig, extra: set[str] = frozenset()) -> No
             check_keys(f"{path}.{key}", child)
 
 
+def check_network(cfg: DictConfig) -> None:
+    """A network refuses its own bad settings when it is built: built here on the meta device (no memory, no
+    data), so that they stop the run before any work."""
+    from deepcnn.module import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(OmegaConf.to_container(cfg.model, resolve=True), 10, cfg.data.crop_size)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, SettingsError):
+            raise err.__cause__ from None
+    except Exception:  # noqa: BLE001 - other failures are the real build's to report, with the run's context
+        pass
+
+
 def check(cfg: DictConfig) -> None:
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default=ABSENT)
@@ -129,3 +150,11 @@ def check(cfg: DictConfig) -> None:
     for group, extra in (("model", set()), ("optimizer", {"param_groups"}), ("scheduler", set()), ("loss", set()),
                          ("data", set())):
         check_keys(group, cfg[group], extra)
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is None:
+            continue
+        if not (isinstance(callback, DictConfig) and "_target_" in callback):
+            raise SettingsError(f"callbacks.{name}: not a chosen callback (it has no _target_); choose callbacks "
+                                f"with callbacks=[default,{name}] when conf/callbacks/{name}.yaml exists")
+        check_keys(f"callbacks.{name}", callback)
+    check_network(cfg)
