@@ -1,0 +1,93 @@
+"""Outputs are written whole or not at all where that is possible, and into as they are where it is not:
+a device, a FIFO or stdout is never replaced by a file, a link keeps pointing at what it names, and a full
+device is one line."""
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from conftest import ROOT, make_classifier, run_cli
+from deepcnn.export import export_onnx
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    module = make_classifier(["cat", "dog"])
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def in_place(path: str) -> bool:
+    """Checked before a test writes to a device: code that would replace it must fail here, not on the machine."""
+    from deepcnn.files import written_in_place
+
+    return written_in_place(Path(path))
+
+
+def test_a_fifo_output_is_written_into_and_stays_a_fifo(small_checkpoint, tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    assert in_place(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    export_onnx(small_checkpoint, fifo)
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert onnx.load_from_string(received[0]).graph.input[0].name == "images"
+
+
+def test_a_linked_output_writes_its_target_and_keeps_the_link(small_checkpoint, tmp_path):
+    target = tmp_path / "models" / "model.onnx"
+    target.parent.mkdir()
+    target.write_text("an old model")
+    link = tmp_path / "latest.onnx"
+    link.symlink_to(target)
+    export_onnx(small_checkpoint, link)
+    assert link.is_symlink() and link.resolve() == target
+    assert onnx.load(target).graph.input[0].name == "images"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.onnx"]
+
+
+def test_dev_null_stays_a_device(small_checkpoint, tmp_path):
+    assert in_place("/dev/null")
+    result = run_cli("export.py", f"ckpt_path={small_checkpoint}", "output=/dev/null", f"hydra.run.dir={tmp_path / 'h'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_full_device_is_one_line_and_stays_a_device(small_checkpoint, tmp_path):
+    assert in_place("/dev/full")
+    result = run_cli("export.py", f"ckpt_path={small_checkpoint}", "output=/dev/full", f"hydra.run.dir={tmp_path / 'h'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("deepcnn: error: /dev/full: cannot be written (No space left on "
+                                                      "device)")
+    assert "Traceback" not in result.stderr
+    assert "wrote" not in result.stdout
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_predictions_to_stdout_by_name_or_to_a_full_stdout(small_checkpoint, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert in_place("/dev/stdout")
+    named = run_cli("predict.py", f"ckpt_path={small_checkpoint}", f"input={image}", "output=/dev/stdout",
+                    f"hydra.run.dir={tmp_path / 'h1'}")
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert named.stdout.splitlines()[0] == "path,class,probability" and named.stdout.splitlines()[1].startswith(str(image))
+    assert os.path.islink("/dev/stdout")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(ROOT / "src" / "predict.py"), f"ckpt_path={small_checkpoint}",
+                                 f"input={image}", f"hydra.run.dir={tmp_path / 'h2'}"], stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["deepcnn: error: stdout: cannot be written (No space left on device)"]
