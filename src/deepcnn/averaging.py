@@ -27,8 +27,9 @@ class Lookahead(pl.Callback):
         if self.average is None:
             self.average = {k: v.detach().clone() for k, v in state.items()}
         for key, value in state.items():
-            # A resumed checkpoint's average is read onto the CPU; the weights may live on a GPU.
-            average = self.average[key] = self.average[key].to(value.device)
+            # A resumed checkpoint's average is read onto the CPU; the weights may live on a GPU. Averages from
+            # when filters were stored as matrices take the filters' shape.
+            average = self.average[key] = self.average[key].to(value.device).reshape(value.shape)
             average.lerp_(value, 1 - decay)
             value.copy_(average)
 

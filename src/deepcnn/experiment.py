@@ -171,8 +171,9 @@ def train(cfg: DictConfig) -> dict:
                               stopped.signum) from None
         trainer.save_checkpoint(last, weights_only=False)
         summary = evaluate_trained(trainer, module, datamodule)
-        summary.update(steps=trainer.global_step, train_seconds=round(timer.seconds, 3),
-                       images_per_second=timer.images_per_second, checkpoint=str(last.resolve()))
+        summary.update(parameters=sum(p.numel() for p in module.model.parameters()), steps=trainer.global_step,
+                       train_seconds=round(timer.seconds, 3), images_per_second=timer.images_per_second,
+                       checkpoint=str(last.resolve()))
         if trainer.is_global_zero:
             write_reports(module, summary, run_dir, trainer.loggers)
     finally:
@@ -241,6 +242,13 @@ def write_reports(module: Classifier, summary: dict, run_dir: Path, loggers: lis
     log.info(f"{summary['images_per_second']} training images/s; run directory: {run_dir}")
 
 
+def write_failed_results(run_dir: Path, reason: str) -> None:
+    """results.json of a run of a sweep that failed: its reason, and no measurements."""
+    reports.write_json(run_dir / "results.json", {
+        "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
+        "steps": None, "train_seconds": None, "images_per_second": None})
+
+
 def train_job(cfg: DictConfig) -> float:
     """train.py's task: the run's objective, validation accuracy (test accuracy without a split).
 
@@ -260,9 +268,7 @@ def train_job(cfg: DictConfig) -> float:
             raise
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
-        reports.write_json(Path(cfg.run_dir) / "results.json", {
-            "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
-            "steps": None, "train_seconds": None, "images_per_second": None})
+        write_failed_results(Path(cfg.run_dir), reason)
         if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
             raise RunFailed(reason) from err
         return float("nan")

@@ -6,6 +6,8 @@ import inspect
 from typing import Any, Callable
 
 import hydra
+import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deepcnn.errors import SettingsError
@@ -121,6 +123,21 @@ def check_keys(path: str, node: DictConfig, extra: set[str] = frozenset()) -> No
             check_keys(f"{path}.{key}", child)
 
 
+def check_network(cfg: DictConfig) -> None:
+    """A network refuses its own bad settings when it is built: built here on the meta device (no memory, no
+    data), so that they stop the run before any work."""
+    from deepcnn.module import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(OmegaConf.to_container(cfg.model, resolve=True), 10, cfg.data.crop_size)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, SettingsError):
+            raise err.__cause__ from None
+    except Exception:  # noqa: BLE001 - other failures are the real build's to report, with the run's context
+        pass
+
+
 def check(cfg: DictConfig) -> None:
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default=ABSENT)
@@ -140,3 +157,4 @@ def check(cfg: DictConfig) -> None:
             raise SettingsError(f"callbacks.{name}: not a chosen callback (it has no _target_); choose callbacks "
                                 f"with callbacks=[default,{name}] when conf/callbacks/{name}.yaml exists")
         check_keys(f"callbacks.{name}", callback)
+    check_network(cfg)
