@@ -91,3 +91,62 @@ def test_predictions_to_stdout_by_name_or_to_a_full_stdout(small_checkpoint, tmp
                                 text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["deepcnn: error: stdout: cannot be written (No space left on device)"]
+
+
+def test_a_checkpoint_write_that_runs_out_of_space_names_the_file_and_the_room_left(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from deepcnn import checkpoints
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoints.AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+
+    def full_disk(obj, out):
+        out.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**30, 2**30 - 2**19, 2**19))
+    with pytest.raises(checkpoints.CheckpointWriteError) as err:
+        checkpoints.AtomicCheckpointIO().save_checkpoint({"global_step": 4}, path)
+    assert str(err.value) == f"{path}: no space left on the device (0.5 MiB free)"
+    assert torch.load(path, weights_only=True) == {"global_step": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+# src/train.py with a disk that fills at the run's second checkpoint write.
+FILLS_AT_THE_SECOND_CHECKPOINT = """
+import errno, os, runpy, sys
+import torch
+real_save, saves = torch.save, []
+def save(obj, out, *args, **kwargs):
+    saves.append(out)
+    if len(saves) == 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_save(obj, out, *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_run_whose_disk_fills_stops_in_one_line_with_its_resume_command(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", FILLS_AT_THE_SECOND_CHECKPOINT, str(ROOT / "src" / "train.py"),
+         f"data.data_dir={tiny_data}", "data.download=false", "data.batch_size=16", "data.val_size=32",
+         "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.best_checkpoint=null",
+         f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert result.returncode == 2
+    last = run_dir / "checkpoints" / "last.ckpt"
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"deepcnn: error: {last}: no space left on the device (") and line.endswith(
+        f" MiB free); the previous checkpoint is kept: once there is room, resume with python src/train.py "
+        f"data.data_dir={tiny_data} data.download=false data.batch_size=16 data.val_size=32 trainer.max_steps=4 "
+        f"trainer.val_check_interval=2 callbacks.best_checkpoint=null ckpt_path={last}")
+    assert "Traceback" not in result.stderr
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]

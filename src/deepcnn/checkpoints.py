@@ -22,8 +22,12 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from deepcnn.errors import CheckpointError
-from deepcnn.files import replaced_on_success
+from deepcnn.files import OutputError, replaced_on_success
 from deepcnn.module import Classifier
+
+class CheckpointWriteError(OutputError):
+    """A checkpoint could not be written (the disk is full): the run stops, and the previous one is kept whole."""
+
 
 # The hyperparameters that rebuild a Classifier; a run resumed with any of them changed is another run.
 BUILD_KEYS = ("model", "optimizer", "scheduler", "loss", "classes", "input_size")
@@ -82,10 +86,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     cut off midway leaves the previous checkpoint whole; reads one as data (see read_checkpoint)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        with replaced_on_success(path) as partial, open(partial, "wb") as out:
-            torch.save(checkpoint, out)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with replaced_on_success(path) as partial, open(partial, "wb") as out:
+                torch.save(checkpoint, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except OutputError as err:
+            raise CheckpointWriteError(str(err)) from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(path)

@@ -22,7 +22,7 @@ from deepcnn import checkpoints, cluster, reports, settings
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.budget import apply_budget
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
-from deepcnn.checkpoints import AtomicCheckpointIO
+from deepcnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
 from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
@@ -166,10 +166,14 @@ def train(cfg: DictConfig) -> dict:
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.save_checkpoint(last, weights_only=False)
         except StopRequested as stopped:
             raise Interrupted(f"stopped at step {stopped.step}; resume with {resume_command(last)}",
                               stopped.signum) from None
-        trainer.save_checkpoint(last, weights_only=False)
+        except CheckpointWriteError as err:
+            kept = (f"the previous checkpoint is kept: once there is room, resume with {resume_command(last)}"
+                    if last.is_file() else "no checkpoint had been written yet")
+            raise CheckpointWriteError(f"{err}; {kept}") from None
         summary = evaluate_trained(trainer, module, datamodule)
         summary.update(parameters=sum(p.numel() for p in module.model.parameters()), steps=trainer.global_step,
                        train_seconds=round(timer.seconds, 3), images_per_second=timer.images_per_second,
