@@ -159,6 +159,9 @@ class CifarDataModule(pl.LightningDataModule):
                  in_memory: bool = False, early_size: int | None = None, early_steps: int = 0,
                  distort_at_once: int = 1024):
         super().__init__()
+        if not str(data_dir).strip():
+            raise SettingsError("data.data_dir: empty; name the folder that holds cifar-10-batches-bin/ (or leave it "
+                                "out for $DEEPCNN_DATA, else ~/.cache/deepcnn)")
         if early_steps and not (early_size and 0 < early_size <= crop_size):
             raise SettingsError(f"data.early_size={early_size}: the early steps' image side must be between 1 and "
                                 f"data.crop_size={crop_size}")

@@ -70,6 +70,16 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, logge
         raise
 
 
+def build_datamodule(data_cfg: DictConfig, **given):
+    try:
+        return instantiate(data_cfg, **given)
+    except InstantiationException as err:
+        # The data module's own word on a setting (an unknown distortion, an empty data_dir), not Hydra's wrapping.
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_loggers(logger_cfg: DictConfig | None) -> list:
     loggers = []
     for name, config in (logger_cfg or {}).items():
@@ -127,7 +137,7 @@ def refuse_reused_run_dir(run_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict:
     """One training run: settings checked, data opened, the network trained, evaluated and reported.
     Returns the run's results (also written to results.json)."""
-    settings.check(cfg)
+    settings.check(cfg, task_overrides())
     chosen = apply_budget(cfg, task_overrides())
     if chosen:
         settings.check(cfg)
@@ -142,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
         refuse_reused_run_dir(run_dir)
     loggers = build_loggers(cfg.logger)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
     module = build_module(cfg, datamodule.classes)
@@ -283,7 +293,7 @@ def test_checkpoint(cfg: DictConfig) -> dict:
     """Overall and per-class accuracy of a checkpoint on the whole test set."""
     keep_freed_memory()
     module = checkpoints.load_classifier(cfg.ckpt_path)
-    datamodule = instantiate(cfg.data, crop_size=module.hparams.input_size)
+    datamodule = build_datamodule(cfg.data, crop_size=module.hparams.input_size)
     datamodule.prepare_data()
     datamodule.setup()
     if datamodule.classes != module.hparams.classes:
