@@ -74,6 +74,7 @@ def test_missing_data_folder_stops_before_training(tmp_path):
 @pytest.mark.parametrize("content, problem", [
     (b"", "class-name file names no classes"),
     (b"\n \n\n", "class-name file names no classes"),
+    (b"cat\n\n", "class-name file names 1 class (cat); a classifier needs at least 2"),
     (b"cat\ndog\ncat\nship\ndog\n", "class-name file repeats cat, dog"),
     ("\n".join(f"c{i}" for i in range(257)).encode(), "class-name file names 257 classes; a label byte holds at most "
                                                        "256"),
