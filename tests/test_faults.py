@@ -183,3 +183,16 @@ def test_train_refuses_to_resume_from_another_network(tiny_data, tmp_path):
             "with the settings it was trained with") in result.stderr
     assert "Traceback" not in result.stderr
     assert "step " not in result.stdout
+
+
+def test_init_from_another_network_names_both_in_one_line(tiny_data, tmp_path):
+    path = tmp_path / "model.ckpt"
+    narrow = {"_target_": "deepcnn.models.RecipeCNN", "channels": 4, "hidden": [16, 8]}
+    torch.save(lightning_checkpoint(tiny_classifier(narrow)), path)
+    result = run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}", f"init_from={path}",
+                     "model.channels=8", "model.hidden=[16,8]", *TINY_RUN)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"deepcnn: error: init_from={path}: holds the weights of RecipeCNN(channels=4, hidden=[16, 8]) for 3 classes, "
+        "which do not fit this run's RecipeCNN(channels=8, hidden=[16, 8]) for 3 classes")
+    assert "Traceback" not in result.stderr and "size mismatch" not in result.stderr

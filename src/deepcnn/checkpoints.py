@@ -145,7 +145,25 @@ def load_weights(classifier: Classifier, checkpoint: dict, path: str | Path, net
     try:
         classifier.load_state_dict(checkpoint["state_dict"])
     except Exception as err:
-        raise CheckpointError(f"{path}: its weights do not fit {network} ({err})") from None
+        details = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise CheckpointError(f"{path}: its weights do not fit {network} ({details})") from None
+
+
+def network_name(hparams: dict) -> str:
+    """A network as its settings name it: "RecipeCNN(channels=64, hidden=[384, 192]) for 10 classes"."""
+    model = hparams["model"]
+    settings = ", ".join(f"{key}={value}" for key, value in model.items() if not key.startswith("_"))
+    return f"{model['_target_'].rsplit('.', 1)[-1]}({settings}) for {len(hparams['classes'])} classes"
+
+
+def init_weights(classifier: Classifier, path: str | Path) -> None:
+    """init_from: a new run starts from a checkpoint's weights, which must fit its network."""
+    checkpoint = deepcnn_checkpoint(path)
+    try:
+        classifier.load_state_dict(checkpoint["state_dict"])
+    except Exception:
+        raise CheckpointError(f"init_from={path}: holds the weights of {network_name(checkpoint['hyper_parameters'])}, "
+                              f"which do not fit this run's {network_name(classifier.hparams)}") from None
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: Path) -> str | None:

@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path:
         checkpoints.check_resumable(ckpt_path, module.hparams)
     elif cfg.init_from:
-        checkpoints.load_weights(module, checkpoints.deepcnn_checkpoint(cfg.init_from), cfg.init_from)
+        checkpoints.init_weights(module, cfg.init_from)
     elif hasattr(module.model, "init_whitening"):
         # Layers fitted to the data rather than learned: fitted once, here, before training.
         module.model.init_whitening(datamodule.whitening_sample())
