@@ -1,6 +1,9 @@
 """Bad input stops a run before training: one line naming the file and the problem, a non-zero exit,
 no traceback. Data faults go through the command line as a user meets them; checkpoint faults through
 load_classifier, which every entry script uses to open a checkpoint."""
+import os
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +199,28 @@ def test_init_from_another_network_names_both_in_one_line(tiny_data, tmp_path):
         f"deepcnn: error: init_from={path}: holds the weights of RecipeCNN(channels=4, hidden=[16, 8]) for 3 classes, "
         "which do not fit this run's RecipeCNN(channels=8, hidden=[16, 8]) for 3 classes")
     assert "Traceback" not in result.stderr and "size mismatch" not in result.stderr
+
+
+class RunsAShellCommand:
+    """Unpickles as os.system(command)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("save", [
+    lambda obj, path: torch.save(obj, path),
+    lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=4)),  # a plain pickle, as if renamed .ckpt
+], ids=["torch.save", "pickle"])
+def test_a_checkpoint_that_would_run_a_shell_command_names_it(save, tmp_path):
+    made = tmp_path / "made-by-loading"
+    path = tmp_path / "model.ckpt"
+    save({"state_dict": {}, "hyper_parameters": RunsAShellCommand(f"touch {made}")}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_classifier(path)
+    assert str(err.value) == (f"{path}: refused: loading it would call posix.system, and a checkpoint holds only "
+                              "tensors and plain values (this file could run code)")
+    assert not made.exists()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 import warnings
 from pathlib import Path
 
@@ -33,8 +35,34 @@ class CheckpointWriteError(OutputError):
 BUILD_KEYS = ("model", "optimizer", "scheduler", "loss", "classes", "input_size")
 
 
-# How torch's weights-only unpickler names what it refused, e.g. "GLOBAL io.open".
-REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# How torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL io.open", or for a
+# blocked module "unsupported GLOBAL posix.system whose module posix is blocked".
+REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")
+# Pickle opcodes that name a function or class: GLOBAL with its argument, STACK_GLOBAL with the two
+# strings pushed before it.
+GLOBAL_OPS = {"GLOBAL", "INST"}
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """The functions and classes a pickle names ("posix.system"), read without unpickling it: from the file,
+    or from the data.pkl inside a torch.save archive."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in GLOBAL_OPS:
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # noqa: BLE001 - a damaged pickle names nothing; the caller reports torch's own reason
+        return []
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -49,9 +77,11 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = REFUSED_GLOBAL.search(str(err))
-        if refused:
-            raise CheckpointError(f"{path}: refused: loading it would call {refused.group(1)}, and a checkpoint holds "
-                                  "only tensors and plain values (this file could run code)") from None
+        # torch names only what it refused; when it stops earlier (an opcode it does not read), the pickle's own.
+        called = refused.group(1) if refused else next(iter(pickled_globals(path)), None)
+        if called:
+            raise CheckpointError(f"{path}: refused: loading it would call {called}, and a "
+                                  "checkpoint holds only tensors and plain values (this file could run code)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(err)})") from None
     except (RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, damaged or cut short "
