@@ -224,3 +224,13 @@ def test_a_checkpoint_that_would_run_a_shell_command_names_it(save, tmp_path):
     assert str(err.value) == (f"{path}: refused: loading it would call posix.system, and a checkpoint holds only "
                               "tensors and plain values (this file could run code)")
     assert not made.exists()
+
+
+def test_eval_reads_the_test_set_whatever_the_training_split(tiny_data, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save(lightning_checkpoint(tiny_classifier()), path)
+    # 128 training records, fewer than data.val_size's 5,000: a training run would refuse them.
+    result = run_cli("eval.py", f"ckpt_path={path}", f"data.data_dir={tiny_data}", "data.download=false",
+                     f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test accuracy: " in result.stdout and "(whole test set)" in result.stdout

@@ -293,7 +293,8 @@ def test_checkpoint(cfg: DictConfig) -> dict:
     """Overall and per-class accuracy of a checkpoint on the whole test set."""
     keep_freed_memory()
     module = checkpoints.load_classifier(cfg.ckpt_path)
-    datamodule = build_datamodule(cfg.data, crop_size=module.hparams.input_size)
+    # Only the test set is read: no training records are held out (data.val_size would refuse a small dataset).
+    datamodule = build_datamodule(cfg.data, crop_size=module.hparams.input_size, val_size=0)
     datamodule.prepare_data()
     datamodule.setup()
     if datamodule.classes != module.hparams.classes:
