@@ -20,6 +20,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deepcnn.download import DEFAULT_CACHE
+
 
 # Hydra plugins that are optional extras of pyproject.toml, by the config option that names them.
 PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "cluster",
@@ -72,6 +74,7 @@ def run_name(limit: int = 200) -> str:
 OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("min", min, replace=True)
+OmegaConf.register_new_resolver("data_cache", lambda: str(DEFAULT_CACHE), replace=True)
 # ${fraction:${trainer.max_steps},0.5}: a share of a count, as a whole number.
 OmegaConf.register_new_resolver("fraction", lambda count, share: round(count * share), replace=True)
 
