@@ -150,3 +150,16 @@ def test_a_run_whose_disk_fills_stops_in_one_line_with_its_resume_command(tiny_d
     assert "Traceback" not in result.stderr
     assert torch.load(last, weights_only=False)["global_step"] == 2
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("script", ["eval.py", "train.py"])
+def test_a_folder_where_the_run_folder_cannot_be_made_is_one_line(script, tmp_path):
+    """Tests run as root, whom permission bits do not stop; no folder can be created in /proc by anyone."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    result = run_cli(script, f"ckpt_path={tmp_path / 'model.ckpt'}", cwd=Path("/proc"))
+    assert result.returncode == 2
+    group = "eval" if script == "eval.py" else "runs"
+    assert result.stderr.strip().splitlines() == [
+        f"deepcnn: error: /proc/outputs/{group}: the run's folder cannot be created there (No such file or directory); "
+        "run from a folder you can write to, or name one with hydra.run.dir=FOLDER"]
