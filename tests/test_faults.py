@@ -234,3 +234,16 @@ def test_eval_reads_the_test_set_whatever_the_training_split(tiny_data, tmp_path
                      f"hydra.run.dir={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test accuracy: " in result.stdout and "(whole test set)" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_64_bit_precision_is_one_line(script, tiny_data, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save(lightning_checkpoint(tiny_classifier()), path)
+    result = run_cli(script, f"ckpt_path={path}" if script == "eval.py" else "trainer.max_steps=2",
+                     f"data.data_dir={tiny_data}", "data.download=false", "trainer.precision=64",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "deepcnn: error: trainer.precision: got 64; it must be auto, 32-true, bf16-mixed or 16-mixed (deepcnn's data "
+        "and layers are float32: it does not train in 64 bits)"]

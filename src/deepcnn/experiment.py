@@ -291,6 +291,7 @@ def train_job(cfg: DictConfig) -> float:
 
 def test_checkpoint(cfg: DictConfig) -> dict:
     """Overall and per-class accuracy of a checkpoint on the whole test set."""
+    settings.check_value("trainer.precision", cfg.trainer.precision, *settings.RULES["trainer.precision"])
     keep_freed_memory()
     module = checkpoints.load_classifier(cfg.ckpt_path)
     # Only the test set is read: no training records are held out (data.val_size would refuse a small dataset).
