@@ -91,13 +91,15 @@ def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
 
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
+    ("+seeed=1", "deepcnn: error: seeed: unknown setting (added by +seeed=1)"),
     ("+callbacks.best_checkpoint.every_n_step=10", "deepcnn: error: callbacks.best_checkpoint.every_n_step: unknown "
                                                     "key; pytorch_lightning.callbacks.ModelCheckpoint takes"),
     ("+callbacks.early_stopping.patience=3", "deepcnn: error: callbacks.early_stopping: not a chosen callback (it has "
                                              "no _target_); choose callbacks with callbacks=[default,early_stopping]"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
-                        "'scheduler':; constant; cosine; deep; exponential; linear; recipe_tuned; triangle"),
+                        "'scheduler':; constant; cosine; deep; exponential; linear; multistep; recipe_tuned; triangle; "
+                        "wide_resnet"),
 ])
 def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override, message, tmp_path):
     result = run_cli("train.py", override, f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
@@ -141,3 +143,34 @@ def test_the_fast_network_takes_only_the_whitening_width_its_filters_fill(width)
         settings.check(composed("experiment=fast", f"model.whiten_width={width}"))
     assert str(err.value) == (f"model.whiten_width: got {width}; it must be {whitening_width()}, the filters the fast "
                               "network's 2x2 whitening of 3 channels gives")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+seeed=1"], "seeed: unknown setting (added by +seeed=1); nothing reads it. The settings are listed by: "
+                   "python src/train.py --cfg job"),
+    (["init_from=a.ckpt", "ckpt_path=b.ckpt"], "init_from=a.ckpt and ckpt_path=b.ckpt: choose one; ckpt_path resumes "
+                                               "a run where it stopped, init_from starts a new run from a "
+                                               "checkpoint's weights"),
+    (["trainer.precision=64"], "trainer.precision: got 64; it must be auto, 32-true, bf16-mixed or 16-mixed "
+                               "(deepcnn's data and layers are float32: it does not train in 64 bits)"),
+    (["trainer.precision=64-true"], "trainer.precision: got '64-true'; it must be auto"),
+])
+def test_settings_that_would_be_ignored_or_fail_later_are_refused(overrides, message):
+    with pytest.raises(SettingsError) as err:
+        settings.check(composed(*overrides), overrides)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides", [["init_from=a.ckpt", "ckpt_path=auto"],
+                                       ["++seed=3"], ["+trainer.accumulate_grad_batches=1"]])
+def test_what_the_added_key_checks_leave_alone(overrides):
+    settings.check(composed(*overrides), overrides)
+
+
+def test_an_empty_data_dir_is_refused_rather_than_the_current_folder_filled(tmp_path):
+    result = run_cli("train.py", "data.data_dir=", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "deepcnn: error: data.data_dir: empty; name the folder that holds cifar-10-batches-bin/ (or leave it out for "
+        "$DEEPCNN_DATA, else ~/.cache/deepcnn)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -20,6 +20,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deepcnn.download import DEFAULT_CACHE
+from deepcnn.errors import UserError
+
 
 # Hydra plugins that are optional extras of pyproject.toml, by the config option that names them.
 PLUGIN_EXTRAS = {"hydra/launcher/joblib": "cluster", "hydra/launcher/submitit_local": "cluster",
@@ -36,14 +39,18 @@ def unique_dir(path: str) -> str:
         return path
     if path not in _claimed:
         base, suffix = Path(path), 0
-        base.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
-            try:
-                candidate.mkdir()
-                break
-            except FileExistsError:
-                suffix += 1
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
+                try:
+                    candidate.mkdir()
+                    break
+                except FileExistsError:
+                    suffix += 1
+        except OSError as err:
+            raise UserError(f"{base.parent.absolute()}: the run's folder cannot be created there ({err.strerror}); run "
+                            "from a folder you can write to, or name one with hydra.run.dir=FOLDER") from None
         _claimed[path] = str(candidate)
     return _claimed[path]
 
@@ -72,6 +79,7 @@ def run_name(limit: int = 200) -> str:
 OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("min", min, replace=True)
+OmegaConf.register_new_resolver("data_cache", lambda: str(DEFAULT_CACHE), replace=True)
 # ${fraction:${trainer.max_steps},0.5}: a share of a count, as a whole number.
 OmegaConf.register_new_resolver("fraction", lambda count, share: round(count * share), replace=True)
 
@@ -91,5 +99,14 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"deepcnn: error: {one_line(err)}", file=sys.stderr)
+        # deepcnn's own error in a resolver (unique_dir), which OmegaConf wraps in its own.
+        cause = next((e for e in chain(err) if isinstance(e, UserError)), None)
+        print(f"deepcnn: error: {cause if cause else one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def chain(err: BaseException | None):
+    """An exception and those it was raised from or during."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__

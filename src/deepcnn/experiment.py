@@ -22,7 +22,7 @@ from deepcnn import checkpoints, cluster, reports, settings
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.budget import apply_budget
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
-from deepcnn.checkpoints import AtomicCheckpointIO
+from deepcnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
 from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
@@ -68,6 +68,16 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, logge
         # Lightning's own word on a setting it cannot use (an unknown accelerator, too many devices, ...).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
             raise SettingsError(f"trainer: {' '.join(str(err.__cause__).split())}") from None
+        raise
+
+
+def build_datamodule(data_cfg: DictConfig, **given):
+    try:
+        return instantiate(data_cfg, **given)
+    except InstantiationException as err:
+        # The data module's own word on a setting (an unknown distortion, an empty data_dir), not Hydra's wrapping.
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
         raise
 
 
@@ -128,7 +138,7 @@ def refuse_reused_run_dir(run_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict:
     """One training run: settings checked, data opened, the network trained, evaluated and reported.
     Returns the run's results (also written to results.json)."""
-    settings.check(cfg)
+    settings.check(cfg, task_overrides())
     chosen = apply_budget(cfg, task_overrides())
     if chosen:
         settings.check(cfg)
@@ -143,7 +153,7 @@ def train(cfg: DictConfig) -> dict:
         refuse_reused_run_dir(run_dir)
     loggers = build_loggers(cfg.logger)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
     module = build_module(cfg, datamodule.classes)
@@ -151,7 +161,7 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path:
         checkpoints.check_resumable(ckpt_path, module.hparams)
     elif cfg.init_from:
-        checkpoints.load_weights(module, checkpoints.deepcnn_checkpoint(cfg.init_from), cfg.init_from)
+        checkpoints.init_weights(module, cfg.init_from)
     elif hasattr(module.model, "init_whitening"):
         # Layers fitted to the data rather than learned: fitted once, here, before training.
         module.model.init_whitening(datamodule.whitening_sample())
@@ -167,10 +177,14 @@ def train(cfg: DictConfig) -> dict:
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.save_checkpoint(last, weights_only=False)
         except StopRequested as stopped:
             raise Interrupted(f"stopped at step {stopped.step}; resume with {resume_command(last)}",
                               stopped.signum) from None
-        trainer.save_checkpoint(last, weights_only=False)
+        except CheckpointWriteError as err:
+            kept = (f"the previous checkpoint is kept: once there is room, resume with {resume_command(last)}"
+                    if last.is_file() else "no checkpoint had been written yet")
+            raise CheckpointWriteError(f"{err}; {kept}") from None
         summary = evaluate_trained(trainer, module, datamodule)
         summary.update(parameters=sum(p.numel() for p in module.model.parameters()), steps=trainer.global_step,
                        train_seconds=round(timer.seconds, 3), images_per_second=timer.images_per_second,
@@ -286,9 +300,11 @@ def train_job(cfg: DictConfig) -> float:
 
 def test_checkpoint(cfg: DictConfig) -> dict:
     """Overall and per-class accuracy of a checkpoint on the whole test set."""
+    settings.check_value("trainer.precision", cfg.trainer.precision, *settings.RULES["trainer.precision"])
     keep_freed_memory()
     module = checkpoints.load_classifier(cfg.ckpt_path)
-    datamodule = instantiate(cfg.data, crop_size=module.hparams.input_size)
+    # Only the test set is read: no training records are held out (data.val_size would refuse a small dataset).
+    datamodule = build_datamodule(cfg.data, crop_size=module.hparams.input_size, val_size=0)
     datamodule.prepare_data()
     datamodule.setup()
     if datamodule.classes != module.hparams.classes:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -14,6 +15,8 @@ from deepcnn.errors import SettingsError
 from deepcnn.models import whitening_width
 
 ABSENT = object()
+# Lightning's names for float64 training.
+DOUBLE_PRECISION = {"64", "64-true", "double"}
 
 
 def is_int(value) -> bool:
@@ -54,6 +57,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.log_every_n_steps": integer(1),
     # The lookahead averaging, the progress lines and the data stream all count optimizer steps.
     "trainer.accumulate_grad_batches": (lambda v: v == 1, "1 (deepcnn counts optimizer steps)"),
+    "trainer.precision": (lambda v: str(v) not in DOUBLE_PRECISION, "auto, 32-true, bf16-mixed or 16-mixed (deepcnn's "
+                          "data and layers are float32: it does not train in 64 bits)"),
     "seed": integer(0),
     "budget_s": (lambda v: v is None or (is_number(v) and v > 0), "null or a number of seconds > 0"),
     "tta": integer(0, 2),
@@ -138,7 +143,23 @@ def check_network(cfg: DictConfig) -> None:
         pass
 
 
-def check(cfg: DictConfig) -> None:
+def check_added_keys(overrides: list[str], groups) -> None:
+    """Hydra adds a key given with "+" wherever it is asked to; at the top level nothing would read it (keys
+    in a group are checked against what the group's target takes, and "+group=option" chooses an option)."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.startswith("+") and not key.startswith("++") and "." not in key and key[1:] not in groups:
+            raise SettingsError(f"{key[1:]}: unknown setting (added by {override}); nothing reads it. The settings "
+                                "are listed by: python src/train.py --cfg job")
+
+
+def check(cfg: DictConfig, overrides: list[str] = ()) -> None:
+    """`overrides`: the command line's, whose added keys are checked too."""
+    if overrides:
+        check_added_keys(overrides, HydraConfig.get().runtime.choices)
+    if cfg.get("init_from") and cfg.get("ckpt_path") not in (None, "auto"):
+        raise SettingsError(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path}: choose one; ckpt_path resumes "
+                            "a run where it stopped, init_from starts a new run from a checkpoint's weights")
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is not ABSENT:
