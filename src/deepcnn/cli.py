@@ -48,6 +48,19 @@ def unique_dir(path: str) -> str:
     return _claimed[path]
 
 
+def holds_run(folder: str | Path) -> bool:
+    """Whether a folder already holds a run: its results or its checkpoints."""
+    return (Path(folder) / "results.json").exists() or (Path(folder) / "checkpoints").exists()
+
+
+def config_subdir(subdir: str, _root_) -> str | None:
+    """hydra.output_subdir: where Hydra saves a run's config, or None (not saved) when the run's folder already
+    holds a run. That run's config is the record of how it was made, and stays: a resume carries it on, a
+    sweep run again finishes it, a command refused for reusing it changes nothing."""
+    output_dir = OmegaConf.select(_root_, "hydra.runtime.output_dir", default=None)
+    return None if output_dir and holds_run(output_dir) else subdir
+
+
 def override_key(override: str) -> str:
     """The key an override sets: "optimizer.lr" of "optimizer.lr=0.05", "+extra=1" and "~key"."""
     return override.split("=", 1)[0].lstrip("+~")
@@ -71,6 +84,7 @@ def run_name(limit: int = 200) -> str:
 
 OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("min", min, replace=True)
 # ${fraction:${trainer.max_steps},0.5}: a share of a count, as a whole number.
 OmegaConf.register_new_resolver("fraction", lambda count, share: round(count * share), replace=True)
