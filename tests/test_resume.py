@@ -225,8 +225,8 @@ def test_a_finished_run_is_final(data, reference, tmp_path):
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == (
             f"deepcnn: error: {run_dir}: finished at step {MAX_STEPS} ({run_dir / 'results.json'}); a finished run is "
-            f"final: evaluate it with python src/eval.py ckpt_path={last}, or start a new run from its weights with "
-            f"init_from={last}")
+            f"final: evaluate it with python src/eval.py ckpt_path={last}, extend it with a larger trainer.max_steps (a "
+            f"step-based schedule), or start a new run from its weights with init_from={last}")
         assert all(path.read_bytes() == content for path, content in before.items())
         assert set(before) == {path for path in run_dir.rglob("*") if path.is_file()}
         assert [p.name for p in tmp_path.iterdir()] == ["run"]
@@ -321,3 +321,61 @@ def test_divergence_stops_naming_the_step_and_keeps_last_good_checkpoint(data, t
     assert all(math.isfinite(loss) for _, loss in kept["deepcnn_history"]["loss"])
     classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(tensor).all() for tensor in classifier.state_dict().values())
+
+
+def test_a_staircase_run_is_extended_by_a_larger_max_steps(data, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    copy_run(reference[0], run_dir)
+    config = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    longer = MAX_STEPS + 10
+    result = run_cli("train.py", f"data.data_dir={data}", *SETTINGS, f"trainer.max_steps={longer}", f"ckpt_path={last}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The staircase carries on where it was: lr * decay_rate^floor(step / decay_steps), steps 31 to 40 only.
+    assert [(step_of(line), line.split("lr ")[1]) for line in progress(result.stdout) if " lr " in line] == [
+        (step, f"{LR * DECAY_RATE ** (step // DECAY_STEPS):.3g}") for step in range(MAX_STEPS + 1, longer + 1)]
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == longer
+    assert checkpoint(run_dir)["global_step"] == longer
+    # Still one run: its one TensorBoard folder holds every step once, its config is the one it started with.
+    # (Lightning numbers the points after a finished run's final checkpoint from one further on: 31 to 40.)
+    steps = logged_steps(run_dir)
+    assert steps[:MAX_STEPS] == logged_steps(reference[0]) and len(set(steps)) == len(steps) == longer
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == config
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+@pytest.mark.parametrize("scheduler", ["triangle", "linear", "cosine"])
+def test_max_steps_cannot_move_a_schedule_that_spans_the_run(scheduler, data, tmp_path):
+    run_dir = tmp_path / "run"
+    staircase = ("scheduler.decay_rate", "scheduler.decay_steps")
+    args = [arg for arg in train_args(data, run_dir) if not arg.startswith(staircase)]
+    short = ("trainer.max_steps=4", "trainer.val_check_interval=2", f"scheduler={scheduler}")
+    first = run_cli("train.py", *args, *short)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    target = {"triangle": "Triangle", "linear": "Triangle", "cosine": "Cosine"}[scheduler]
+    result = run_cli("train.py", *args, *short, "trainer.max_steps=6", "ckpt_path=auto")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"deepcnn: error: {last}: was trained with trainer.max_steps=4, which its schedule "
+        f"(deepcnn.schedules.{target}) spans, but this run has trainer.max_steps=6; resume with "
+        "trainer.max_steps=4 (only a step-based schedule, scheduler=exponential or constant, may be extended), or "
+        f"start a new run from its weights with init_from={last}"]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_max_steps_below_the_checkpoints_step_is_refused(data, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    before = copy_run(reference[0], run_dir)
+    (run_dir / "results.json").unlink()  # as a run stopped after its last step, before its results
+    del before[run_dir / "results.json"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    result = run_cli("train.py", f"data.data_dir={data}", *SETTINGS, "trainer.max_steps=20", f"ckpt_path={last}",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"deepcnn: error: {last}: is at step {MAX_STEPS}, past trainer.max_steps=20; resume with "
+        f"trainer.max_steps={MAX_STEPS} or more, or start a new run from its weights with init_from={last}"]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before

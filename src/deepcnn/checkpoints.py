@@ -115,11 +115,32 @@ def refuse_changed_settings(path, saved: dict, current: dict) -> None:
                                   f"weights with init_from={path}")
 
 
-def check_resumable(path: str | Path, hparams: dict, datamodule=None) -> None:
+def refuse_other_length(path: str | Path, checkpoint: dict, scheduler: dict, max_steps: int) -> None:
+    """trainer.max_steps may change on a resume only where the schedule does not span the run: a schedule
+    whose settings hold total_steps (triangle, linear, cosine: ${trainer.max_steps}) would change its shape
+    mid-run; a step-based one (exponential's staircase, constant) is extended as it stands."""
+    saved = checkpoint["hyper_parameters"]["scheduler"]
+    if "total_steps" in saved and saved["total_steps"] != scheduler.get("total_steps"):
+        raise CheckpointError(f"{path}: was trained with trainer.max_steps={saved['total_steps']}, which its schedule "
+                              f"({saved['_target_']}) spans, but this run has trainer.max_steps={max_steps}; resume "
+                              f"with trainer.max_steps={saved['total_steps']} (only a step-based schedule, "
+                              "scheduler=exponential or constant, may be extended), or start a new run from its "
+                              f"weights with init_from={path}")
+    step = checkpoint.get("global_step", 0)
+    if step > max_steps:
+        raise CheckpointError(f"{path}: is at step {step}, past trainer.max_steps={max_steps}; resume with "
+                              f"trainer.max_steps={step} or more, or start a new run from its weights with "
+                              f"init_from={path}")
+
+
+def check_resumable(path: str | Path, hparams: dict, datamodule=None, max_steps: int | None = None) -> None:
     """Resuming continues the checkpoint's run: the network, classes, optimizer, schedule and loss must be its own,
     and so must the settings that order its data (checked here, before the run starts; the number of processes,
-    which only the Trainer knows, the data module checks as the checkpoint is loaded)."""
+    which only the Trainer knows, the data module checks as the checkpoint is loaded). Its length may grow only
+    under a step-based schedule (refuse_other_length)."""
     checkpoint = deepcnn_checkpoint(path)
+    if max_steps is not None:
+        refuse_other_length(path, checkpoint, hparams["scheduler"], max_steps)
     saved = checkpoint["hyper_parameters"]
     refuse_changed_settings(path, {k: saved[k] for k in BUILD_KEYS}, {k: hparams[k] for k in BUILD_KEYS})
     if datamodule is not None:
@@ -194,8 +215,9 @@ def refuse_final(run_dir: Path, ckpt_path: str | Path, max_steps: int) -> None:
     step = step_of(ckpt_path)
     if step >= max_steps:
         raise CheckpointError(f"{run_dir}: finished at step {step} ({results}); a finished run is final: evaluate it "
-                              f"with python src/eval.py ckpt_path={ckpt_path}, or start a new run from its weights "
-                              f"with init_from={ckpt_path}")
+                              f"with python src/eval.py ckpt_path={ckpt_path}, extend it with a larger "
+                              "trainer.max_steps (a step-based schedule), or start a new run from its weights with "
+                              f"init_from={ckpt_path}")
 
 
 def command_line_value(argv: list[str], key: str) -> str | None:

@@ -66,6 +66,15 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def run_overrides(hydra_cfg) -> list[str]:
+    """The overrides that made this run: a run carried on in its folder (a resume, extended or not) keeps the
+    name it was given when it started, from the config it keeps there (see config_subdir)."""
+    saved = Path(hydra_cfg.runtime.output_dir) / ".hydra" / "overrides.yaml"
+    if hydra_cfg.mode == RunMode.RUN and holds_run(hydra_cfg.runtime.output_dir) and saved.is_file():
+        return list(OmegaConf.load(saved))
+    return list(hydra_cfg.overrides.task)
+
+
 def run_name(limit: int = 200) -> str:
     """A run's name, from the overrides that set it apart: all of a single run's, and in a sweep those the
     sweep varies ("optimizer.lr=0.05,seed=1"; the values common to all its runs say nothing). One folder
@@ -75,7 +84,7 @@ def run_name(limit: int = 200) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         given = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
         left_out |= {override_key(o.input_line) for o in given if not o.is_sweep_override()}
-    overrides = [o for o in hydra_cfg.overrides.task if override_key(o) not in left_out]
+    overrides = [o for o in run_overrides(hydra_cfg) if override_key(o) not in left_out]
     name = ",".join(sorted(overrides)).replace("/", "_") or "run"
     if len(name.encode()) > limit:
         name = f"{name.encode()[:limit - 9].decode(errors='ignore')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"

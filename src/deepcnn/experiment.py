@@ -149,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, datamodule.classes)
     module.validation_label = datamodule.validation_label
     if ckpt_path:
-        checkpoints.check_resumable(ckpt_path, module.hparams, datamodule)
+        checkpoints.check_resumable(ckpt_path, module.hparams, datamodule, cfg.trainer.max_steps)
     elif cfg.init_from:
         checkpoints.load_weights(module, checkpoints.deepcnn_checkpoint(cfg.init_from), cfg.init_from)
     elif hasattr(module.model, "init_whitening"):
