@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deepcnn.errors import SettingsError
 from deepcnn.models import whitening_width
+from deepcnn.module import build_model
 
 ABSENT = object()
 # Lightning's names for float64 training.
@@ -130,9 +131,7 @@ def check_keys(path: str, node: DictConfig, extra: set[str] = frozenset()) -> No
 
 def check_network(cfg: DictConfig) -> None:
     """A network refuses its own bad settings when it is built: built here on the meta device (no memory, no
-    data), so that they stop the run before any work."""
-    from deepcnn.module import build_model
-
+    data), so that they stop the run before any work. Ten classes stand in for the dataset's, not read yet."""
     try:
         with torch.device("meta"):
             build_model(OmegaConf.to_container(cfg.model, resolve=True), 10, cfg.data.crop_size)
