@@ -76,9 +76,12 @@ def override_key(override: str) -> str:
 def run_overrides(hydra_cfg) -> list[str]:
     """The overrides that made this run: a run carried on in its folder (a resume, extended or not) keeps the
     name it was given when it started, from the config it keeps there (see config_subdir)."""
-    saved = Path(hydra_cfg.runtime.output_dir) / ".hydra" / "overrides.yaml"
-    if hydra_cfg.mode == RunMode.RUN and holds_run(hydra_cfg.runtime.output_dir) and saved.is_file():
-        return list(OmegaConf.load(saved))
+    # A config composed outside a run (tests, benchmarks) has no folder yet.
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None)
+    if hydra_cfg.mode == RunMode.RUN and output_dir and holds_run(output_dir):
+        saved = Path(output_dir) / ".hydra" / "overrides.yaml"
+        if saved.is_file():
+            return list(OmegaConf.load(saved))
     return list(hydra_cfg.overrides.task)
 
 
