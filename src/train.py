@@ -1,8 +1,10 @@
 """Train a network: python src/train.py [experiment=NAME] [group=option ...] [key=value ...]"""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from deepcnn import cli
+from deepcnn import checkpoints, cli
 from deepcnn.errors import reported_errors
 from deepcnn.experiment import train_job
 
@@ -14,4 +16,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    with reported_errors():
+        sys.argv[1:] = checkpoints.resume_arguments(sys.argv[1:])
     cli.run(main)

@@ -54,13 +54,6 @@ BAD = [
 ]
 
 
-def optuna_sweeper_installed() -> bool:
-    try:
-        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def composed(*overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["run_dir=unused", *overrides], return_hydra_config=True)
@@ -105,15 +98,8 @@ def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
                                              "no _target_); choose callbacks with callbacks=[default,early_stopping]"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
-                        "'scheduler':; constant; cosine; deep; exponential; linear; multistep; recipe_tuned; triangle"),
-    pytest.param("hydra/sweeper=optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
-                 "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
-                     optuna_sweeper_installed(),
-                     reason="the sweep extra is installed")),
-    pytest.param("hparams_search=recipe_optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
-                 "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
-                     optuna_sweeper_installed(),
-                     reason="the sweep extra is installed")),
+                        "'scheduler':; constant; cosine; deep; exponential; linear; multistep; recipe_tuned; triangle; "
+                        "wide_resnet"),
 ])
 def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override, message, tmp_path):
     result = run_cli("train.py", override, f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
@@ -124,12 +110,13 @@ def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override
     assert "no-data" not in result.stderr  # stopped before looking for the data
 
 
-def test_a_plugin_named_in_a_config_names_its_extra():
-    """hparams_search presets name the Optuna sweeper in their defaults, where Hydra cannot "load" it
-    (the message as Hydra 1.3 words it)."""
-    missing = "In 'hydra/sweeper/resumable_optuna': Could not load 'hydra/sweeper/optuna'."
-    assert cli.one_line(Exception(missing)) == (
-        f"{missing} (hydra/sweeper/optuna is a Hydra plugin that comes with an extra: pip install -e '.[sweep]')")
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="the sweep extra is installed")
+def test_a_search_without_optuna_names_its_extra_before_any_run(tmp_path):
+    result = run_cli("train.py", "-m", "hparams_search=recipe_optuna", f"data.data_dir={tmp_path / 'no-data'}",
+                     f"hydra.sweep.dir={tmp_path / 'search'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "deepcnn: error: hparams_search needs Optuna, which comes with the sweep extra: pip install -e '.[sweep]'"]
 
 
 @pytest.mark.parametrize("key,value,message", [

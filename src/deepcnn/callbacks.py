@@ -112,6 +112,10 @@ class GracefulStop(Checkpoint):
         if signum:
             # Collective: every process calls it, rank 0 writes.
             trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+            # Lightning logs a step's metrics after the callbacks' hooks, which this one leaves by raising: logged
+            # here, so the curves of a run stopped and resumed hold every step once (it has no public call for it).
+            trainer._logger_connector.on_batch_end()
+            trainer._logger_connector.update_train_step_metrics()
             if signum in self.requeue:
                 self.restore()
                 signal.raise_signal(signum)

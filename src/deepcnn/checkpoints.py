@@ -12,6 +12,7 @@ dicts, lists, strings and numbers), so nothing needs allow-listing beyond torch'
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import pickletools
@@ -151,10 +152,37 @@ def refuse_changed_settings(path, saved: dict, current: dict) -> None:
                                   f"weights with init_from={path}")
 
 
-def check_resumable(path: str | Path, hparams: dict) -> None:
-    """Resuming continues the checkpoint's run: the network, classes, optimizer, schedule and loss must be its own."""
-    saved = deepcnn_checkpoint(path)["hyper_parameters"]
+def refuse_other_length(path: str | Path, checkpoint: dict, scheduler: dict, max_steps: int) -> None:
+    """trainer.max_steps may change on a resume only where the schedule does not span the run: a schedule
+    whose settings hold total_steps (triangle, linear, cosine: ${trainer.max_steps}) would change its shape
+    mid-run; a step-based one (exponential's staircase, constant) is extended as it stands."""
+    saved = checkpoint["hyper_parameters"]["scheduler"]
+    if "total_steps" in saved and saved["total_steps"] != scheduler.get("total_steps"):
+        raise CheckpointError(f"{path}: was trained with trainer.max_steps={saved['total_steps']}, which its schedule "
+                              f"({saved['_target_']}) spans, but this run has trainer.max_steps={max_steps}; resume "
+                              f"with trainer.max_steps={saved['total_steps']} (only a step-based schedule, "
+                              "scheduler=exponential or constant, may be extended), or start a new run from its "
+                              f"weights with init_from={path}")
+    step = checkpoint.get("global_step", 0)
+    if step > max_steps:
+        raise CheckpointError(f"{path}: is at step {step}, past trainer.max_steps={max_steps}; resume with "
+                              f"trainer.max_steps={step} or more, or start a new run from its weights with "
+                              f"init_from={path}")
+
+
+def check_resumable(path: str | Path, hparams: dict, datamodule=None, max_steps: int | None = None) -> None:
+    """Resuming continues the checkpoint's run: the network, classes, optimizer, schedule and loss must be its own,
+    and so must the settings that order its data (checked here, before the run starts; the number of processes,
+    which only the Trainer knows, the data module checks as the checkpoint is loaded). Its length may grow only
+    under a step-based schedule (refuse_other_length)."""
+    checkpoint = deepcnn_checkpoint(path)
+    if max_steps is not None:
+        refuse_other_length(path, checkpoint, hparams["scheduler"], max_steps)
+    saved = checkpoint["hyper_parameters"]
     refuse_changed_settings(path, {k: saved[k] for k in BUILD_KEYS}, {k: hparams[k] for k in BUILD_KEYS})
+    if datamodule is not None:
+        order = {k: v for k, v in checkpoint.get(type(datamodule).__qualname__, {}).items() if k != "world_size"}
+        refuse_changed_settings(path, order, {k: v for k, v in datamodule.state_dict().items() if k != "world_size"})
 
 
 def load_classifier(path: str | Path) -> Classifier:
@@ -204,10 +232,74 @@ def resolve_resume(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(last) if last.is_file() else None
 
 
+def checkpoint_run_dir(ckpt_path: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to (the folder above its checkpoints/ folder); None for a file kept
+    elsewhere, which belongs to no run."""
+    ckpt = Path(ckpt_path)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
 def run_directory(ckpt_path: str | None, default: Path) -> Path:
     """A resumed run carries on in the run directory its checkpoint belongs to."""
-    if ckpt_path:
-        ckpt = Path(ckpt_path)
-        if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent
-    return default
+    return (checkpoint_run_dir(ckpt_path) if ckpt_path else None) or default
+
+
+def step_of(path: str | Path) -> int:
+    return int(read_checkpoint(path).get("global_step", 0))
+
+
+def refuse_rewind(ckpt_path: str | Path) -> None:
+    """A checkpoint of a run that went on past it would rewind the run: its last.ckpt and results would be
+    rewritten from the earlier step."""
+    last = Path(ckpt_path).parent / "last.ckpt"
+    if not last.is_file() or last.resolve() == Path(ckpt_path).resolve():
+        return
+    step, newest = step_of(ckpt_path), step_of(last)
+    if step < newest:
+        raise CheckpointError(f"{ckpt_path}: is at step {step}, but its run went on to step {newest} ({last}); "
+                              f"resuming it would rewind the run: resume from {last}, or start a new run from its "
+                              f"weights with init_from={ckpt_path}")
+
+
+def refuse_final(run_dir: Path, ckpt_path: str | Path, max_steps: int) -> None:
+    """A finished run is final: resuming it at its last step would only measure it again, and rewrite what its
+    results say it measured (its training time among them). A larger trainer.max_steps extends it."""
+    results = run_dir / "results.json"
+    if not results.is_file() or json.loads(results.read_text()).get("status") != "done":
+        return
+    step = step_of(ckpt_path)
+    if step >= max_steps:
+        raise CheckpointError(f"{run_dir}: finished at step {step} ({results}); a finished run is final: evaluate it "
+                              f"with python src/eval.py ckpt_path={ckpt_path}, extend it with a larger "
+                              "trainer.max_steps (a step-based schedule), or start a new run from its weights with "
+                              f"init_from={ckpt_path}")
+
+
+def command_line_value(argv: list[str], key: str) -> str | None:
+    """The value an override on the command line gives `key` (the last one wins, as in Hydra); None if none."""
+    values = [arg.split("=", 1)[1] for arg in argv if "=" in arg and arg.split("=", 1)[0].lstrip("+") == key]
+    return values[-1] if values else None
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """train.py's command line, with the run folder a resume implies: a run resumed from a checkpoint carries on
+    in the checkpoint's own run folder (every file of the run in one place; Hydra would make a new folder for the
+    command). Refused here, before Hydra creates anything: a checkpoint that does not exist, a run folder that
+    is not the checkpoint's, and a checkpoint that is not its run's newest. A multirun's runs are left to it."""
+    if {"-m", "--multirun"} & set(argv):
+        return argv
+    ckpt = command_line_value(argv, "ckpt_path")
+    if ckpt in (None, "null", "auto"):
+        return argv
+    if not Path(ckpt).is_file():
+        raise CheckpointError(f"{ckpt}: checkpoint file does not exist")
+    home = checkpoint_run_dir(ckpt)
+    if home is None:
+        return argv
+    given = command_line_value(argv, "hydra.run.dir")
+    if given is not None and Path(given).resolve() != home.resolve():
+        raise CheckpointError(f"hydra.run.dir={given}: is not the run folder of {ckpt} ({home}); a resumed run carries "
+                              f"on in its own folder: leave hydra.run.dir out, or start a new run in {given} from its "
+                              f"weights with init_from={ckpt}")
+    refuse_rewind(ckpt)
+    return argv if given is not None else [*argv, f"hydra.run.dir={home}"]

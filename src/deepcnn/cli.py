@@ -25,8 +25,8 @@ from deepcnn.errors import UserError
 
 
 # Hydra plugins that are optional extras of pyproject.toml, by the config option that names them.
-PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "cluster",
-                 "hydra/launcher/submitit_local": "cluster", "hydra/launcher/submitit_slurm": "cluster"}
+PLUGIN_EXTRAS = {"hydra/launcher/joblib": "cluster", "hydra/launcher/submitit_local": "cluster",
+                 "hydra/launcher/submitit_slurm": "cluster"}
 _claimed: dict[str, str] = {}
 
 
@@ -55,9 +55,31 @@ def unique_dir(path: str) -> str:
     return _claimed[path]
 
 
+def holds_run(folder: str | Path) -> bool:
+    """Whether a folder already holds a run: its results or its checkpoints."""
+    return (Path(folder) / "results.json").exists() or (Path(folder) / "checkpoints").exists()
+
+
+def config_subdir(subdir: str, _root_) -> str | None:
+    """hydra.output_subdir: where Hydra saves a run's config, or None (not saved) when the run's folder already
+    holds a run. That run's config is the record of how it was made, and stays: a resume carries it on, a
+    sweep run again finishes it, a command refused for reusing it changes nothing."""
+    output_dir = OmegaConf.select(_root_, "hydra.runtime.output_dir", default=None)
+    return None if output_dir and holds_run(output_dir) else subdir
+
+
 def override_key(override: str) -> str:
     """The key an override sets: "optimizer.lr" of "optimizer.lr=0.05", "+extra=1" and "~key"."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def run_overrides(hydra_cfg) -> list[str]:
+    """The overrides that made this run: a run carried on in its folder (a resume, extended or not) keeps the
+    name it was given when it started, from the config it keeps there (see config_subdir)."""
+    saved = Path(hydra_cfg.runtime.output_dir) / ".hydra" / "overrides.yaml"
+    if hydra_cfg.mode == RunMode.RUN and holds_run(hydra_cfg.runtime.output_dir) and saved.is_file():
+        return list(OmegaConf.load(saved))
+    return list(hydra_cfg.overrides.task)
 
 
 def run_name(limit: int = 200) -> str:
@@ -69,7 +91,7 @@ def run_name(limit: int = 200) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         given = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
         left_out |= {override_key(o.input_line) for o in given if not o.is_sweep_override()}
-    overrides = [o for o in hydra_cfg.overrides.task if override_key(o) not in left_out]
+    overrides = [o for o in run_overrides(hydra_cfg) if override_key(o) not in left_out]
     name = ",".join(sorted(overrides)).replace("/", "_") or "run"
     if len(name.encode()) > limit:
         name = f"{name.encode()[:limit - 9].decode(errors='ignore')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
@@ -78,6 +100,7 @@ def run_name(limit: int = 200) -> str:
 
 OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("min", min, replace=True)
 OmegaConf.register_new_resolver("data_cache", lambda: str(DEFAULT_CACHE), replace=True)
 # ${fraction:${trainer.max_steps},0.5}: a share of a count, as a whole number.

@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from deepcnn import checkpoints, cluster, reports, settings
+from deepcnn import checkpoints, cli, cluster, reports, settings
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.budget import apply_budget
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
@@ -26,6 +26,7 @@ from deepcnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
 from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
+from deepcnn.pruning import Pruned
 from deepcnn.sync_batchnorm import BatchNormSync
 
 log = logging.getLogger("deepcnn")
@@ -129,7 +130,7 @@ def resume_command(ckpt: Path) -> str:
 
 
 def refuse_reused_run_dir(run_dir: Path) -> None:
-    if (run_dir / "results.json").exists() or (run_dir / "checkpoints").exists():
+    if cli.holds_run(run_dir):
         raise SettingsError(f"{run_dir}: already holds a run; choose another hydra.run.dir, or resume it with "
                             "ckpt_path=auto")
 
@@ -148,9 +149,10 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt_path = checkpoints.resolve_resume(cluster.default_ckpt_path(cfg.ckpt_path), run_dir)
     run_dir = checkpoints.run_directory(ckpt_path, run_dir)
-    if not ckpt_path:
+    if ckpt_path:
+        checkpoints.refuse_final(run_dir, ckpt_path, cfg.trainer.max_steps)
+    else:
         refuse_reused_run_dir(run_dir)
-    loggers = build_loggers(cfg.logger)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
@@ -158,18 +160,21 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, datamodule.classes)
     module.validation_label = datamodule.validation_label
     if ckpt_path:
-        checkpoints.check_resumable(ckpt_path, module.hparams)
+        checkpoints.check_resumable(ckpt_path, module.hparams, datamodule, cfg.trainer.max_steps)
     elif cfg.init_from:
         checkpoints.init_weights(module, cfg.init_from)
     elif hasattr(module.model, "init_whitening"):
         # Layers fitted to the data rather than learned: fitted once, here, before training.
         module.model.init_whitening(datamodule.whitening_sample())
+    # Loggers create their files as they start: only once the run is known to start.
+    loggers = build_loggers(cfg.logger)
     checkpoint_dir = run_dir / "checkpoints"
     last = checkpoint_dir / "last.ckpt"
     timer = TrainTimer()
     stop = GracefulStop(last, requeue=cluster.requeue_signals())
     safety = [timer, stop, DivergenceStop(last, cfg.trainer.log_every_n_steps),
-              ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
+              # One last.ckpt, written over on a resume (Lightning would add last-v1.ckpt beside it).
+              ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True, enable_version_counter=False,
                               every_n_train_steps=cfg.checkpoint_every_n_steps)]
     callbacks = build_callbacks(cfg.callbacks, module.validation_label, logged=bool(loggers))
     trainer = build_trainer(cfg.trainer, run_dir, [*safety, *callbacks], loggers)
@@ -269,12 +274,20 @@ def train_job(cfg: DictConfig) -> float:
     In a sweep, a run that fails is recorded as failed, with its reason, in its results.json, and the
     sweep goes on. Hydra's basic sweeper would stop the sweep on an exception, so there the run returns
     NaN; a sweeper that chooses the next values (Optuna) is told of the failure by a RunFailed, which
-    it records and counts against its max_failure_rate. Alone, the error reaches the command line; a
-    signal stops a sweep too.
+    it records and counts against its max_failure_rate. A trial its study's pruner stops is recorded as
+    pruned, with the accuracy it reached. Alone, the error reaches the command line; a signal stops a
+    sweep too.
     """
     try:
         summary = train(cfg)
     except Interrupted:
+        raise
+    except Pruned as pruned:
+        # The sweeper tells the study the trial was pruned; the summary shows the accuracy it reached.
+        log.info(f"run {pruned}")
+        reports.write_json(Path(cfg.run_dir) / "results.json", {
+            "status": "pruned", "reason": str(pruned), "objective": None, "val_accuracy": pruned.accuracy,
+            "test_accuracy": None, "steps": pruned.step, "train_seconds": None, "images_per_second": None})
         raise
     except Exception as err:
         hydra_cfg = HydraConfig.get()

@@ -2,8 +2,9 @@
 
 A sweep directory holds one subdirectory per run, each with `.hydra/overrides.yaml` and, once the
 run has ended, `results.json`. Runs are sorted by the metric the sweep maximises, best first;
-failed and interrupted runs come last. When `seed` is swept, summary_by_seed.csv (and a second
-table in summary.md) gives each setting's mean and sample standard deviation over its seeds.
+failed, pruned (a search's trials its pruner stopped) and interrupted runs come last. When `seed` is
+swept, summary_by_seed.csv (and a second table in summary.md) gives each setting's mean and sample
+standard deviation over its seeds.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 RESULTS = "results.json"
-STATUSES = ("done", "failed", "interrupted")
+STATUSES = ("done", "failed", "pruned", "interrupted")
 OBJECTIVES = ("val_accuracy", "test_accuracy")
 NUMBERS = ("val_accuracy", "test_accuracy", "parameters", "steps", "train_seconds", "images_per_second")
 # Results written before deepcnn recorded these.
