@@ -85,6 +85,12 @@ def test_predictions_to_stdout_by_name_or_to_a_full_stdout(small_checkpoint, tmp
     assert named.returncode == 0, named.stderr[-2000:]
     assert named.stdout.splitlines()[0] == "path,class,probability" and named.stdout.splitlines()[1].startswith(str(image))
     assert os.path.islink("/dev/stdout")
+    assert in_place("/dev/full")
+    full = run_cli("predict.py", f"ckpt_path={small_checkpoint}", f"input={image}", "output=/dev/full",
+                   f"hydra.run.dir={tmp_path / 'h3'}")
+    assert full.returncode == 2
+    assert full.stderr.strip().splitlines() == ["deepcnn: error: /dev/full: cannot be written (No space left on device)"]
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, str(ROOT / "src" / "predict.py"), f"ckpt_path={small_checkpoint}",
                                  f"input={image}", f"hydra.run.dir={tmp_path / 'h2'}"], stdout=full, stderr=subprocess.PIPE,
@@ -157,7 +163,8 @@ def test_a_folder_where_the_run_folder_cannot_be_made_is_one_line(script, tmp_pa
     """Tests run as root, whom permission bits do not stop; no folder can be created in /proc by anyone."""
     if not Path("/proc/self").is_dir():
         pytest.skip("no /proc here")
-    result = run_cli(script, f"ckpt_path={tmp_path / 'model.ckpt'}", cwd=Path("/proc"))
+    result = run_cli(script, *([f"ckpt_path={tmp_path / 'model.ckpt'}"] if script == "eval.py" else []),
+                     cwd=Path("/proc"))
     assert result.returncode == 2
     group = "eval" if script == "eval.py" else "runs"
     assert result.stderr.strip().splitlines() == [
