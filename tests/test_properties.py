@@ -32,7 +32,7 @@ def dataset_folder(root: Path, num_classes: int) -> Path:
 
 
 @examples
-@given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=3), num_classes=st.integers(1, 256), seed=seeds,
+@given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=3), num_classes=st.integers(2, 256), seed=seeds,
        picks=st.lists(st.integers(0, 10**6), min_size=1, max_size=20))
 def test_reader_returns_records_exactly_as_written(counts, num_classes, seed, picks):
     rng = np.random.default_rng(seed)
@@ -72,7 +72,7 @@ def test_reader_refuses_partial_records(size):
 
 
 @examples
-@given(num_classes=st.integers(1, 255), seed=seeds, count=st.integers(1, 30), data=st.data())
+@given(num_classes=st.integers(2, 255), seed=seeds, count=st.integers(1, 30), data=st.data())
 def test_reader_refuses_labels_outside_the_classes(num_classes, seed, count, data):
     labels = np.random.default_rng(seed).integers(0, 256, count)
     labels[data.draw(st.integers(0, count - 1))] = data.draw(st.integers(num_classes, 255))

@@ -140,8 +140,9 @@ def test_every_preset_runs_one_step(shared_data, tmp_path):
 class Trainer:
     """Records which passes evaluate_trained asks for."""
 
-    def __init__(self, step):
-        self.global_step, self.passes, self.callback_metrics = step, [], {"val/accuracy": 0.5}
+    def __init__(self, step, max_steps):
+        self.global_step, self.max_steps, self.passes = step, max_steps, []
+        self.callback_metrics = {"val/accuracy": 0.5}
 
     def validate(self, module, datamodule, verbose):
         self.passes.append("validate")
@@ -163,7 +164,7 @@ class Trainer:
 def test_the_test_set_is_evaluated_once_at_the_end(label, last_validated, validation_result, passes, accuracy):
     module = SimpleNamespace(history={"accuracy": [(last_validated, 0.6)]}, validation_label=label,
                              validation_result=validation_result, test_result=None)
-    trainer = Trainer(step=100)
+    trainer = Trainer(step=100, max_steps=100)
     summary = evaluate_trained(trainer, module, datamodule=None)
     assert trainer.passes == passes
     assert summary["test_accuracy"] == accuracy
