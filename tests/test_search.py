@@ -233,6 +233,19 @@ def test_a_pruned_trial_stops_at_the_step_its_pruner_says_and_is_summarised_with
     assert "No trial of study search completed" in result.stdout
 
 
+def test_a_trial_is_not_pruned_at_its_last_step(tiny_data, tmp_path):
+    """The pruner that prunes every trial, but the only validation is the run's last step: nothing left
+    to save, the trial completes with its accuracy."""
+    sweep = tmp_path / "search"
+    prune_all = "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1}"
+    result = run_cli("train.py", *search_command(tiny_data, sweep, 1, "trainer.max_steps=2",
+                                                 "trainer.val_check_interval=2", prune_all))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trial,) = trials(sweep)
+    assert trial.state == COMPLETE and trial.value == trial.intermediate_values[2] == results(sweep / "0")[
+        "val_accuracy"]
+
+
 def test_the_median_pruner_stops_a_trial_lagging_the_study_at_the_same_step(tiny_data, tmp_path):
     """The study already holds a trial that reached 100% at every step: the next trial, below that
     median at its first validation (step 2 of 6), is pruned there."""

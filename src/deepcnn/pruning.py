@@ -47,7 +47,8 @@ def search_trial():
 
 
 class ReportToStudy(Callback):
-    """Tells the search's study each validation's accuracy, and stops the run when its pruner says so."""
+    """Tells the search's study each validation's accuracy, and stops the run when its pruner says so
+    (before its last step)."""
 
     def __init__(self, monitor: str = "val/accuracy"):
         self.monitor = monitor
@@ -65,6 +66,7 @@ class ReportToStudy(Callback):
         prune = False
         if self.trial is not None:
             self.trial.report(accuracy, step)
-            prune = self.trial.should_prune()
+            # At its last step the run has nothing left to save: its accuracy is the trial's value.
+            prune = not 0 < trainer.max_steps <= step and self.trial.should_prune()
         if trainer.strategy.broadcast(prune, src=0):
             raise Pruned(step, accuracy)
