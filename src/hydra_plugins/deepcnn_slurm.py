@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +24,34 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+
+# How often the queue is asked about a job whose end accounting has not shown.
+QUEUE_POLL_S = 30
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def wait(job) -> str:
+    """Until the job has ended; how it ended, as sacct or, failing that, squeue has it.
+
+    submitit waits for as long as sacct knows nothing of a job's end, but a job of an array cancelled before it
+    started never reaches accounting (submitit keeps the state it last read for the array): the queue is asked
+    too, and a job it no longer lists, or lists as ended, is over.
+    """
+    asked = float("-inf")
+    while not job.done():
+        if time.monotonic() - asked > QUEUE_POLL_S:
+            asked = time.monotonic()
+            queue = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%T", "-j", job.job_id],
+                                   capture_output=True, text=True)
+            # A controller that does not answer says nothing of the job: asked again later.
+            listed = queue.stdout.split() if queue.returncode == 0 else None
+            if listed == [] or "Invalid job id" in queue.stderr:
+                return "is no longer listed by SLURM (cancelled before it started?)"
+            if listed and listed[0] not in ACTIVE:
+                return f"ended {listed[0]}"
+        time.sleep(1)
+    return f"ended {job.state.split()[0]}"
 
 
 class SlurmLauncher(Launcher):
@@ -73,10 +103,15 @@ class SlurmLauncher(Launcher):
         from deepcnn.files import replaced_on_success
         from deepcnn.summary import OVERRIDES, RESULTS
 
-        try:
-            return job.results()[0]
-        except (UncompletedJobError, FailedJobError):
-            reason = f"SLURM job {job.job_id} ended {job.state} without a result; its log: {job.paths.stderr}"
+        ending = wait(job)
+        # Not done when only the queue knew of the job's end: submitit would wait for it again.
+        if job.done():
+            try:
+                return job.results()[0]
+            except (UncompletedJobError, FailedJobError):
+                pass
+        log_file = f"; its log: {job.paths.stderr}" if job.paths.stderr.exists() else ""
+        reason = f"SLURM job {job.job_id} {ending}, without a result{log_file}"
         log.error(f"#{number} failed: {reason}")
         run_dir = self.run_dir(overrides, number)
         if not (run_dir / OVERRIDES).exists():
