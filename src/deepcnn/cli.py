@@ -35,17 +35,22 @@ def unique_dir(path: str) -> str:
     if not HydraConfig.initialized():
         return path
     if path not in _claimed:
-        base, suffix = Path(path), 0
-        base.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
-            try:
-                candidate.mkdir()
-                break
-            except FileExistsError:
-                suffix += 1
-        _claimed[path] = str(candidate)
+        _claimed[path] = claim_dir(path)
     return _claimed[path]
+
+
+def claim_dir(path: str) -> str:
+    """`path`, or `path_1`, `path_2`, ... when it is taken, created now: made in one step, so that of two processes
+    asking at once each gets its own."""
+    base, suffix = Path(path), 0
+    base.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            suffix += 1
 
 
 def holds_run(folder: str | Path) -> bool:
