@@ -23,7 +23,8 @@ STEPS = 12
 TINY = ("data.batch_size=16", "data.eval_batch_size=16", "data.val_size=32", f"trainer.max_steps={STEPS}",
         "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "trainer.precision=32", "data.download=false",
         "model.channels=8", "model.hidden=[16,8]")
-# A callback that fails the run whose learning rate $FAIL_LR names (a fault of that moment, not of its settings),
+# A callback that fails the run whose learning rate $FAIL_LR names at step 6, after its checkpoint at step 4 (a
+# fault of that moment, not of its settings),
 # and one that sends this process a signal once a run has ended (between the runs of a sweep).
 HELPERS = '''import os, signal
 import pytorch_lightning as pl
@@ -31,8 +32,8 @@ from hydra.experimental.callback import Callback
 
 
 class FailAt(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        if str(pl_module.hparams.optimizer["lr"]) == os.environ.get("FAIL_LR"):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if str(pl_module.hparams.optimizer["lr"]) == os.environ.get("FAIL_LR") and trainer.global_step == 6:
             raise RuntimeError("the disk went away")
 
 
@@ -74,7 +75,7 @@ def test_the_same_command_finishes_a_stopped_sweep(tiny_data, helpers, tmp_path)
     command = ["-m", "optimizer.lr=0.05,0.1,0.2,0.3", f"data.data_dir={tiny_data}", *TINY,
                "+callbacks.fail._target_=sweep_helpers.FailAt", f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{helpers}{os.pathsep}{os.environ['PYTHONPATH']}"}
-    # Run 0 finishes, run 1 fails, run 2 is stopped by SIGTERM after a few steps, run 3 never starts.
+    # Run 0 finishes, run 1 fails at step 6, run 2 is stopped by SIGTERM after a few steps, run 3 never starts.
     process = subprocess.Popen([sys.executable, str(ROOT / "src" / "train.py"), *command], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "FAIL_LR": "0.1"})
     current = None
@@ -100,14 +101,14 @@ def test_the_same_command_finishes_a_stopped_sweep(tiny_data, helpers, tmp_path)
 
     again = run_cli("train.py", *finish[2:], cwd=tmp_path, env={"PYTHONPATH": env["PYTHONPATH"]})
     assert again.returncode == 0, again.stderr[-3000:]
-    # The done run is kept as it was, every file; the others ran, run 2 from the step it had reached.
+    # The done run is kept as it was, every file; the others ran, runs 1 and 2 from their last checkpoints.
     assert files_of(sweep_dir / "0") == done
     assert f"run 0: done, kept as it is ({sweep_dir / '0' / 'results.json'})" in again.stdout
     first_steps = {}
     for block in re.split(r"\[HYDRA\] \t#", again.stdout)[1:]:
         steps = re.findall(rf"^step (\d+)/{STEPS} ", block, re.M)
         first_steps[block.split()[0]] = int(steps[0]) if steps else None
-    assert first_steps == {"0": None, "1": 1, "2": stopped + 1, "3": 1}
+    assert first_steps == {"0": None, "1": 5, "2": stopped + 1, "3": 1}
     rows = summary_rows(sweep_dir)
     assert {run: row["status"] for run, row in rows.items()} == {run: "done" for run in "0123"}
     for run, lr in (("1", "0.1"), ("2", "0.2"), ("3", "0.3")):
@@ -200,3 +201,26 @@ def test_a_killed_sweeps_summary_lists_the_runs_that_never_started(tmp_path):
                     "1": ("not started", {"optimizer.lr": "0.05", "seed": "2"}),
                     "2": ("not started", {"optimizer.lr": "0.1", "seed": "1"}),
                     "3": ("not started", {"optimizer.lr": "0.1", "seed": "2"})}
+
+
+@pytest.mark.slow
+def test_the_same_command_finishes_a_sweep_under_joblib(tiny_data, helpers, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra/launcher=joblib needs the cluster extra")
+    sweep_dir = tmp_path / "sweep"
+    command = ["-m", "optimizer.lr=0.05,0.1", f"data.data_dir={tiny_data}", *TINY, "hydra/launcher=joblib",
+               "+callbacks.fail._target_=sweep_helpers.FailAt", f"hydra.sweep.dir={sweep_dir}"]
+    path = f"{helpers}{os.pathsep}{os.environ['PYTHONPATH']}"
+    first = run_cli("train.py", *command, cwd=tmp_path, env={"PYTHONPATH": path, "FAIL_LR": "0.1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert {run: row["status"] for run, row in summary_rows(sweep_dir).items()} == {"0": "done", "1": "failed"}
+    done = files_of(sweep_dir / "0")
+
+    again = run_cli("train.py", *command, cwd=tmp_path, env={"PYTHONPATH": path})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert files_of(sweep_dir / "0") == done
+    assert {run: row["status"] for run, row in summary_rows(sweep_dir).items()} == {"0": "done", "1": "done"}
+    # Run 1 logged steps 1 to 5 and failed in step 6; again, it carried on from its checkpoint at step 4.
+    logged = [int(n) for n in re.findall(rf"step (\d+)/{STEPS} ", (sweep_dir / "1" / "train.log").read_text())]
+    assert logged == [*range(1, 6), *range(5, STEPS + 1)]
+    history = torch.load(sweep_dir / "1" / "checkpoints" / "last.ckpt", weights_only=False)["deepcnn_history"]
+    assert [step for step, _ in history["loss"]] == list(range(1, STEPS + 1))
