@@ -109,17 +109,7 @@ def read_overrides(path: Path) -> dict[str, str]:
         raise SweepError(f"{path}: cannot be read as YAML ({err})") from None
     if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
         raise SweepError(f"{path}: should be a list of overrides such as optimizer.lr=0.05")
-    return hyperparameters(entries)
-
-
-def hyperparameters(entries: list[str]) -> dict[str, str]:
-    overrides = {}
-    for entry in entries:
-        key, _, value = entry.partition("=")
-        key = key.lstrip("+~")
-        if not key.startswith(("hydra/", "hydra.")):
-            overrides[key] = value
-    return overrides
+    return sweeps.settings_of(entries)
 
 
 def read_results(path: Path) -> dict:
@@ -170,7 +160,7 @@ def read_sweep(folder: str | Path) -> Sweep:
     runs = [read_run(child) for child in folder.iterdir() if (child / OVERRIDES).is_file()]
     # The runs the sweep's command is made of that have no folder: it stopped before them.
     started = {run.name for run in runs}
-    runs += [Run(str(number), hyperparameters(job), NOT_STARTED, "the sweep stopped before it")
+    runs += [Run(str(number), sweeps.settings_of(job), NOT_STARTED, "the sweep stopped before it")
              for number, job in enumerate(sweeps.planned_runs(folder) or []) if str(number) not in started]
     if not runs:
         raise SweepError(f"{folder}: holds no runs (subfolders with {OVERRIDES})")

@@ -73,8 +73,15 @@ def sweep_command(folder: Path) -> str:
                        f"hydra.sweep.dir={folder}"])
 
 
-def as_settings(overrides: list[str]) -> dict[str, str]:
-    return {cli.override_key(o): o.split("=", 1)[1] if "=" in o else "" for o in overrides}
+def settings_of(overrides: list[str]) -> dict[str, str]:
+    """A run's overrides as key -> value, Hydra's own left out: what sets the run apart."""
+    settings = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith(("hydra/", "hydra.")):
+            settings[key] = value
+    return settings
 
 
 def refuse_other_runs(folder: Path, jobs: list[list[str]], ignored: set[str]) -> None:
@@ -84,12 +91,12 @@ def refuse_other_runs(folder: Path, jobs: list[list[str]], ignored: set[str]) ->
         saved_path = child / SAVED_OVERRIDES
         if not (child.name.isdigit() and saved_path.is_file()):
             continue
-        saved = {k: v for k, v in as_settings(yaml.safe_load(saved_path.read_text()) or []).items() if k not in ignored}
+        saved = {k: v for k, v in settings_of(yaml.safe_load(saved_path.read_text()) or []).items() if k not in ignored}
         if int(child.name) >= len(jobs):
             raise SettingsError(f"{child}: this command's sweep has {len(jobs)} runs, not run {child.name}; finish the "
                                 f"sweep with the command that made it ({folder / SAVED_SWEEP}), or choose another "
                                 "hydra.sweep.dir")
-        wanted = {k: v for k, v in as_settings(jobs[int(child.name)]).items() if k not in ignored}
+        wanted = {k: v for k, v in settings_of(jobs[int(child.name)]).items() if k not in ignored}
         for key in sorted(set(saved) | set(wanted)):
             if saved.get(key) != wanted.get(key):
                 was = f"{key}={saved[key]}" if key in saved else f"no {key}"
@@ -135,7 +142,8 @@ def numbered(config: DictConfig) -> bool:
 
 def _record(signum, frame):
     received.append(signum)
-    print(f"\ndeepcnn: {signal.Signals(signum).name} received; the sweep stops before its next run", file=sys.stderr)
+    print(f"\ndeepcnn: {signal.Signals(signum).name} received; the sweep stops (after this step, or before the next "
+          "run)", file=sys.stderr)
 
 
 class ResumableSweep(Callback):
