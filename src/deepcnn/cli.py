@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -53,6 +54,22 @@ def claim_dir(path: str) -> str:
             suffix += 1
 
 
+def remove_if_unused(folder: str | Path) -> bool:
+    """Remove a run's folder that holds nothing but the config Hydra wrote in it: a run that did not start
+    leaves nothing behind. Whether it was removed."""
+    folder = Path(folder)
+    if folder.is_dir() and {path.name for path in folder.iterdir()} <= {".hydra"}:
+        shutil.rmtree(folder)
+        return True
+    return False
+
+
+def forget_claimed(folder: str | Path) -> None:
+    """A folder this process claimed for a run (unique_dir), removed if the run did not start."""
+    if Path(folder).resolve() in {Path(claimed).resolve() for claimed in _claimed.values()}:
+        remove_if_unused(folder)
+
+
 def holds_run(folder: str | Path) -> bool:
     """Whether a folder already holds a run: its results or its checkpoints."""
     return (Path(folder) / "results.json").exists() or (Path(folder) / "checkpoints").exists()
@@ -74,8 +91,10 @@ def override_key(override: str) -> str:
 def run_overrides(hydra_cfg) -> list[str]:
     """The overrides that made this run: a run carried on in its folder (a resume, extended or not) keeps the
     name it was given when it started, from the config it keeps there (see config_subdir)."""
-    saved = Path(hydra_cfg.runtime.output_dir) / ".hydra" / "overrides.yaml"
-    if hydra_cfg.mode == RunMode.RUN and holds_run(hydra_cfg.runtime.output_dir) and saved.is_file():
+    # No output folder yet when a config is only composed (Hydra's compose API).
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None)
+    saved = Path(output_dir or ".") / ".hydra" / "overrides.yaml"
+    if hydra_cfg.mode == RunMode.RUN and output_dir and holds_run(output_dir) and saved.is_file():
         return list(OmegaConf.load(saved))
     return list(hydra_cfg.overrides.task)
 

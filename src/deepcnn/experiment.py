@@ -256,7 +256,12 @@ def train_job(cfg: DictConfig) -> float:
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return _objective(train(cfg))
+        try:
+            return _objective(train(cfg))
+        except UserError:
+            # Refused before it started (a setting, a checkpoint): the folder made for it goes too.
+            cli.forget_claimed(Path(cfg.run_dir))
+            raise
     run_dir = Path(cfg.run_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir)
     if sweeps.received:

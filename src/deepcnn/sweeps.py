@@ -11,7 +11,6 @@ Optuna's sweeper resumes its own study (hydra_plugins/deepcnn_search.py).
 from __future__ import annotations
 
 import shlex
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -129,10 +128,8 @@ def forget_unstarted(run_dir: Path, sweeper: DictConfig) -> None:
     """The folder Hydra made for a run of the basic sweeper that is not going to start, when it holds only the
     config Hydra wrote in it: gone, so that the summary says the run never started (from the sweep's
     multirun.yaml). An Optuna trial is the study's, started: its folder stays."""
-    if sweeper.get("_target_") != BASIC_SWEEPER:
-        return
-    if run_dir.is_dir() and {path.name for path in run_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(run_dir)
+    if sweeper.get("_target_") == BASIC_SWEEPER:
+        cli.remove_if_unused(run_dir)
 
 
 def numbered(config: DictConfig) -> bool:
