@@ -379,3 +379,14 @@ def test_max_steps_below_the_checkpoints_step_is_refused(data, reference, tmp_pa
         f"deepcnn: error: {last}: is at step {MAX_STEPS}, past trainer.max_steps=20; resume with "
         f"trainer.max_steps={MAX_STEPS} or more, or start a new run from its weights with init_from={last}"]
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_a_refused_resume_from_a_checkpoint_outside_any_run_leaves_no_folder(data, reference, tmp_path):
+    kept = tmp_path / "model.ckpt"
+    kept.write_bytes((reference[0] / "checkpoints" / "last.ckpt").read_bytes())
+    result = run_cli("train.py", f"data.data_dir={data}", *SETTINGS, "seed=8", f"ckpt_path={kept}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"deepcnn: error: {kept}: was trained with seed=7, but this run has seed=8")
+    # Hydra made a run folder for the command; the refusal took it back.
+    assert list((tmp_path / "outputs" / "runs").iterdir()) == []

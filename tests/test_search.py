@@ -111,10 +111,13 @@ def test_search_tells_the_study_every_trial_and_summarises_them(tiny_data, tmp_p
 
 
 def test_a_failed_trial_is_recorded_and_the_search_goes_on_to_its_summary(tiny_data, tmp_path):
-    """Every trial diverges: each is recorded as failed, with its reason, and the search ends as usual."""
+    """Every trial diverges: each is recorded as failed, with its reason, and the search ends with its summary
+    and a non-zero exit code."""
     sweep = tmp_path / "search"
     result = run_cli("train.py", *search_command(tiny_data, sweep, 2, "optimizer.lr=1e30"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"deepcnn: error: no run of the sweep finished ({sweep / 'summary.md'} says why)")
     assert [trial.state for trial in trials(sweep)] == [FAIL, FAIL]
     for number in (0, 1):
         failed = results(sweep / str(number))

@@ -79,11 +79,16 @@ class GracefulStop(Checkpoint):
     only evaluates it.
     """
 
-    def __init__(self, checkpoint_path: Path, requeue: tuple[int, ...] = ()):
+    def __init__(self, checkpoint_path: Path, requeue: tuple[int, ...] = (), received: list[int] | None = None):
         self.checkpoint_path = Path(checkpoint_path)
         self.requeue = requeue
         self.signal: int | None = None
-        self._previous: dict[int, object] = {}
+        # Signals that came before training started, recorded by whoever handled them then (a sweep's handler
+        # while its run was being set up): the run stops after its first step.
+        self.received = received if received is not None else []
+        # The handlers in place before the run (a sweep's, between its runs), put back when it ends: not
+        # those Lightning installs for the length of each fit, which would outlive it and ignore a signal.
+        self._previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, *requeue)}
 
     def _handle(self, signum, frame):
         if self.signal is not None:
@@ -93,13 +98,14 @@ class GracefulStop(Checkpoint):
 
     def _install(self, *signums: int):
         # Lightning registers its own handlers at the start of every fit, validate and test: installed
-        # again at the start of each, these take precedence. The first ones replaced are restored at the end.
+        # again at the start of each, these take precedence.
         for signum in signums:
-            previous = signal.signal(signum, self._handle)
-            self._previous.setdefault(signum, previous)
+            signal.signal(signum, self._handle)
 
     def on_train_start(self, trainer, pl_module):
         self._install(signal.SIGINT, signal.SIGTERM, *self.requeue)
+        if self.received and self.signal is None:
+            self.signal = self.received[0]
 
     def on_validation_start(self, trainer, pl_module):
         self._install(signal.SIGINT, signal.SIGTERM)
@@ -123,13 +129,13 @@ class GracefulStop(Checkpoint):
 
     def on_train_end(self, trainer, pl_module):
         for signum in self.requeue:
-            if signum in self._previous:
-                signal.signal(signum, self._previous.pop(signum))
+            if self._previous[signum] is not None:
+                signal.signal(signum, self._previous[signum])
 
     def restore(self):
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 def agreed_signal(trainer: pl.Trainer, signum: int) -> int:

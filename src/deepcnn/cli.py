@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -38,21 +39,43 @@ def unique_dir(path: str) -> str:
     if not HydraConfig.initialized():
         return path
     if path not in _claimed:
-        base, suffix = Path(path), 0
         try:
-            base.parent.mkdir(parents=True, exist_ok=True)
-            while True:
-                candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
-                try:
-                    candidate.mkdir()
-                    break
-                except FileExistsError:
-                    suffix += 1
+            _claimed[path] = claim_dir(path)
         except OSError as err:
-            raise UserError(f"{base.parent.absolute()}: the run's folder cannot be created there ({err.strerror}); run "
-                            "from a folder you can write to, or name one with hydra.run.dir=FOLDER") from None
-        _claimed[path] = str(candidate)
+            raise UserError(f"{Path(path).parent.absolute()}: the run's folder cannot be created there "
+                            f"({err.strerror}); run from a folder you can write to, or name one with "
+                            "hydra.run.dir=FOLDER") from None
     return _claimed[path]
+
+
+def claim_dir(path: str) -> str:
+    """`path`, or `path_1`, `path_2`, ... when it is taken, created now: made in one step, so that of two processes
+    asking at once each gets its own."""
+    base, suffix = Path(path), 0
+    base.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            suffix += 1
+
+
+def remove_if_unused(folder: str | Path) -> bool:
+    """Remove a run's folder that holds nothing but the config Hydra wrote in it: a run that did not start
+    leaves nothing behind. Whether it was removed."""
+    folder = Path(folder)
+    if folder.is_dir() and {path.name for path in folder.iterdir()} <= {".hydra"}:
+        shutil.rmtree(folder)
+        return True
+    return False
+
+
+def forget_claimed(folder: str | Path) -> None:
+    """A folder this process claimed for a run (unique_dir), removed if the run did not start."""
+    if Path(folder).resolve() in {Path(claimed).resolve() for claimed in _claimed.values()}:
+        remove_if_unused(folder)
 
 
 def holds_run(folder: str | Path) -> bool:

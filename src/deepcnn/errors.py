@@ -45,7 +45,7 @@ class Interrupted(UserError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
 
 
 def print_error(err: UserError) -> None:

@@ -13,12 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from deepcnn import checkpoints, cli, cluster, reports, settings
+from deepcnn import checkpoints, cli, cluster, reports, settings, sweeps
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.budget import apply_budget
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
@@ -27,6 +27,7 @@ from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserErro
 from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
 from deepcnn.pruning import Pruned
+from deepcnn.summary import read_results, stop_sweep
 from deepcnn.sync_batchnorm import BatchNormSync
 
 log = logging.getLogger("deepcnn")
@@ -38,7 +39,6 @@ warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is 
 # Epoch-level values are logged from torchmetrics results, which are already reduced over all processes.
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Loggers whose packages are optional extras of pyproject.toml, by their conf/logger/ name.
 LOGGER_EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}
 # Callbacks whose only work is writing to the loggers.
@@ -171,7 +171,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint_dir = run_dir / "checkpoints"
     last = checkpoint_dir / "last.ckpt"
     timer = TrainTimer()
-    stop = GracefulStop(last, requeue=cluster.requeue_signals())
+    stop = GracefulStop(last, requeue=cluster.requeue_signals(), received=sweeps.received)
     safety = [timer, stop, DivergenceStop(last, cfg.trainer.log_every_n_steps),
               # One last.ckpt, written over on a resume (Lightning would add last-v1.ckpt beside it).
               ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True, enable_version_counter=False,
@@ -275,31 +275,62 @@ def train_job(cfg: DictConfig) -> float:
     sweep goes on. Hydra's basic sweeper would stop the sweep on an exception, so there the run returns
     NaN; a sweeper that chooses the next values (Optuna) is told of the failure by a RunFailed, which
     it records and counts against its max_failure_rate. A trial its study's pruner stops is recorded as
-    pruned, with the accuracy it reached. Alone, the error reaches the command line; a signal stops a
-    sweep too.
+    pruned, with the accuracy it reached. Alone, the error reaches the command line.
+
+    A run of a sweep carries on in its folder (the sweep's command run again finishes it, see
+    deepcnn.sweeps): a done run is kept and its result returned, a run with a last.ckpt resumes from it,
+    a failed one runs again. A signal stops the sweep: during a run after its current step, between runs
+    before the next one; the summary is written and the command that finishes the sweep printed.
     """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        try:
+            return _objective(train(cfg))
+        except UserError:
+            # Refused before it started (a setting, a checkpoint): the folder made for it goes too.
+            cli.forget_claimed(Path(cfg.run_dir))
+            raise
+    run_dir = Path(cfg.run_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    if sweeps.received:
+        sweeps.forget_unstarted(run_dir, hydra_cfg.sweeper)
+        stop_sweep(sweep_dir, sweeps.received[0], f"stopped before run {hydra_cfg.job.num}")
+    kept = read_results(run_dir / "results.json") if (run_dir / "results.json").is_file() else None
+    if kept and kept["status"] == "done":
+        print(f"run {hydra_cfg.job.num}: done, kept as it is ({run_dir / 'results.json'})")
+        return _objective(kept)
+    if kept:
+        # A failure record says only why the run did not finish: it runs again.
+        (run_dir / "results.json").unlink()
+    with open_dict(cfg):
+        cfg.ckpt_path = cfg.ckpt_path or "auto"
     try:
-        summary = train(cfg)
-    except Interrupted:
-        raise
+        result = train(cfg)
+    except Interrupted as err:
+        if not sweeps.in_sweep_process(hydra_cfg):
+            raise
+        stop_sweep(sweep_dir, err.signum, f"stopped in run {hydra_cfg.job.num} ({run_dir})")
     except Pruned as pruned:
         # The sweeper tells the study the trial was pruned; the summary shows the accuracy it reached.
         log.info(f"run {pruned}")
-        reports.write_json(Path(cfg.run_dir) / "results.json", {
+        reports.write_json(run_dir / "results.json", {
             "status": "pruned", "reason": str(pruned), "objective": None, "val_accuracy": pruned.accuracy,
             "test_accuracy": None, "steps": pruned.step, "train_seconds": None, "images_per_second": None})
         raise
     except Exception as err:
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
-        write_failed_results(Path(cfg.run_dir), reason)
-        if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
+        write_failed_results(run_dir, reason)
+        if hydra_cfg.sweeper["_target_"] != sweeps.BASIC_SWEEPER:
             raise RunFailed(reason) from err
         return float("nan")
-    return summary[summary["objective"]]
+    if sweeps.received:
+        stop_sweep(sweep_dir, sweeps.received[0], f"stopped after run {hydra_cfg.job.num}")
+    return _objective(result)
+
+
+def _objective(results: dict) -> float:
+    return results[results["objective"]]
 
 
 def test_checkpoint(cfg: DictConfig) -> dict:

@@ -2,9 +2,9 @@
 
 A sweep directory holds one subdirectory per run, each with `.hydra/overrides.yaml` and, once the
 run has ended, `results.json`. Runs are sorted by the metric the sweep maximises, best first;
-failed, pruned (a search's trials its pruner stopped) and interrupted runs come last. When `seed` is
-swept, summary_by_seed.csv (and a second table in summary.md) gives each setting's mean and sample
-standard deviation over its seeds.
+failed, pruned (a search's trials its pruner stopped) and interrupted runs come last, with those of the
+sweep's command (its multirun.yaml) that never started. When `seed` is swept, summary_by_seed.csv (and a
+second table in summary.md) gives each setting's mean and sample standard deviation over its seeds.
 """
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ import csv
 import json
 import math
 import re
+import signal
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import matplotlib
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from deepcnn import reports
+from deepcnn import reports, sweeps
 from deepcnn.errors import UserError, print_error
 from deepcnn.files import replaced_on_success
 
@@ -31,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 RESULTS = "results.json"
 STATUSES = ("done", "failed", "pruned", "interrupted")
+NOT_STARTED = "not started"
 OBJECTIVES = ("val_accuracy", "test_accuracy")
 NUMBERS = ("val_accuracy", "test_accuracy", "parameters", "steps", "train_seconds", "images_per_second")
 # Results written before deepcnn recorded these.
@@ -108,13 +112,7 @@ def read_overrides(path: Path) -> dict[str, str]:
         raise SweepError(f"{path}: cannot be read as YAML ({err})") from None
     if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
         raise SweepError(f"{path}: should be a list of overrides such as optimizer.lr=0.05")
-    overrides = {}
-    for entry in entries:
-        key, _, value = entry.partition("=")
-        key = key.lstrip("+~")
-        if not key.startswith(("hydra/", "hydra.")):
-            overrides[key] = value
-    return overrides
+    return sweeps.settings_of(entries)
 
 
 def read_results(path: Path) -> dict:
@@ -163,6 +161,10 @@ def read_sweep(folder: str | Path) -> Sweep:
     if not folder.is_dir():
         raise SweepError(f"{folder}: is not a folder (give a sweep directory such as outputs/multiruns/DATE_TIME)")
     runs = [read_run(child) for child in folder.iterdir() if (child / OVERRIDES).is_file()]
+    # The runs the sweep's command is made of that have no folder: it stopped before them.
+    started = {run.name for run in runs}
+    runs += [Run(str(number), sweeps.settings_of(job), NOT_STARTED, "the sweep stopped before it")
+             for number, job in enumerate(sweeps.planned_runs(folder) or []) if str(number) not in started]
     if not runs:
         raise SweepError(f"{folder}: holds no runs (subfolders with {OVERRIDES})")
     keys = list(dict.fromkeys(key for run in sorted(runs, key=lambda run: natural_key(run.name))
@@ -225,6 +227,8 @@ def seed_rows(sweep: Sweep, groups: list[SeedGroup]) -> tuple[list[str], list[li
 
 def markdown(sweep: Sweep) -> str:
     counts = ", ".join(f"{sum(run.status == status for run in sweep.runs)} {status}" for status in STATUSES)
+    if any(run.status == NOT_STARTED for run in sweep.runs):
+        counts += f", {sum(run.status == NOT_STARTED for run in sweep.runs)} {NOT_STARTED}"
     lines = [f"# Sweep {sweep.folder}", "",
              f"{len(sweep.runs)} runs: {counts}. Sorted by {LABELS[sweep.objective]}, best first.", ""]
     lines += markdown_table(
@@ -323,17 +327,37 @@ def best_line(sweep: Sweep) -> str:
             f"{LABELS[best.objective]} {percent(best.score)}%" + (f" ({settings})" if settings else ""))
 
 
+def summarize(folder: str | Path) -> Sweep | None:
+    """The sweep's summary written and its best run printed. The runs are over and their results on disk: a
+    summary that cannot be made is reported in one line rather than failing the sweep."""
+    try:
+        sweep = read_sweep(folder)
+        write_summary(sweep)
+    except UserError as err:
+        print_error(err)
+        return None
+    print(best_line(sweep))
+    return sweep
+
+
+def stop_sweep(folder: Path, signum: int, what: str) -> NoReturn:
+    """A signal stopped the sweep: the summary of what exists, the command that finishes it, exit code 128+n."""
+    summarize(folder)
+    print(f"deepcnn: {signal.Signals(signum).name}: sweep {what}; finish it with {sweeps.sweep_command(folder)}",
+          file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 class SummarizeSweep(Callback):
-    """Hydra callback: the sweep's summary once every run of a multirun has returned.
+    """Hydra callback: the sweep's summary once every run of a multirun has returned; a sweep none of whose runs
+    finished ends with exit code 1, and one a signal stopped after its last run with 128+n.
     Enable it under `hydra.callbacks` with `_target_: deepcnn.summary.SummarizeSweep`."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        # The runs are over and their results on disk: a summary that cannot be made is
-        # reported in one line rather than failing the sweep.
-        try:
-            sweep = read_sweep(config.hydra.sweep.dir)
-            write_summary(sweep)
-        except UserError as err:
-            print_error(err)
-            return
-        print(best_line(sweep))
+        folder = Path(config.hydra.sweep.dir)
+        if sweeps.received:
+            stop_sweep(folder, sweeps.received[0], "stopped after its last run")
+        sweep = summarize(folder)
+        if sweep is not None and sweep.best is None:
+            print(f"deepcnn: error: no run of the sweep finished ({folder / 'summary.md'} says why)", file=sys.stderr)
+            sys.exit(1)

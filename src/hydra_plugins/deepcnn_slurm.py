@@ -99,7 +99,8 @@ class SlurmLauncher(Launcher):
         """The job's own return, or, when it ended without one, a failed run recorded in its run directory."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
-        from deepcnn.experiment import BASIC_SWEEPER, RunFailed, write_failed_results
+        from deepcnn.experiment import RunFailed, write_failed_results
+        from deepcnn.sweeps import BASIC_SWEEPER
         from deepcnn.files import replaced_on_success
         from deepcnn.summary import OVERRIDES, RESULTS
 
