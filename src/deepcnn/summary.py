@@ -350,7 +350,8 @@ def stop_sweep(folder: Path, signum: int, what: str) -> NoReturn:
 
 class SummarizeSweep(Callback):
     """Hydra callback: the sweep's summary once every run of a multirun has returned; a sweep none of whose runs
-    finished ends with exit code 1, and one a signal stopped after its last run with 128+n.
+    finished (pruned trials are finished: their pruner ended them) ends with exit code 1, and one a signal
+    stopped after its last run with 128+n.
     Enable it under `hydra.callbacks` with `_target_: deepcnn.summary.SummarizeSweep`."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -358,6 +359,6 @@ class SummarizeSweep(Callback):
         if sweeps.received:
             stop_sweep(folder, sweeps.received[0], "stopped after its last run")
         sweep = summarize(folder)
-        if sweep is not None and sweep.best is None:
+        if sweep is not None and sweep.best is None and not any(run.status == "pruned" for run in sweep.runs):
             print(f"deepcnn: error: no run of the sweep finished ({folder / 'summary.md'} says why)", file=sys.stderr)
             sys.exit(1)
