@@ -9,6 +9,9 @@
 #           GPU, stopped after $SEARCH_SECONDS; then the best settings trained on all 50,000 images, seeds 0-2,
 #           and the recipe's own settings beside them
 #   fast    experiment=fast on all 50,000 images, seeds 0-2: accuracy and wall time (bench/time_to_accuracy.py)
+#   resnet  He et al.'s table: experiment=resnet at depths $RESNET_DEPTHS (default 20 56 110, 110 with the
+#           paper's warm-up) at its 64k steps, all at once on the one GPU, stopped after $RESNET_SECONDS;
+#           prints each finished run's test error beside the paper's
 #   peer    the record holder as published ($PEER: airbench94_muon.py), $PEER_RUNS runs after its warm-up
 #   tests   the quick part of the test suite
 #
@@ -29,6 +32,8 @@ SEARCH_JOBS=${SEARCH_JOBS:-12}
 SEARCH_SECONDS=${SEARCH_SECONDS:-300}
 SEARCH_OVERRIDES=${SEARCH_OVERRIDES:-}
 PEER_RUNS=${PEER_RUNS:-5}
+RESNET_DEPTHS=${RESNET_DEPTHS:-20 56 110}
+RESNET_SECONDS=${RESNET_SECONDS:-1800}
 mkdir -p "$WORK"
 
 stage_data() {
@@ -76,6 +81,26 @@ print(f\"$run: {r['status']}, test {100 * r['test_accuracy']:.2f}%, {r['steps']}
 
 stage_fast() {
     $PY bench/time_to_accuracy.py --seeds 0 1 2
+}
+
+stage_resnet() {
+    local started=$SECONDS depth warmup
+    declare -A paper=([20]=8.75 [32]=7.51 [44]=7.17 [56]=6.97 [110]=6.43)
+    for depth in $RESNET_DEPTHS; do
+        warmup=""
+        ((depth >= 110)) && warmup="scheduler.warmup_steps=400"
+        $PY src/train.py experiment=resnet model.depth="$depth" $warmup hydra.run.dir="$WORK/resnet/$depth" \
+            >"$OUT/resnet$depth.log" 2>&1 &
+    done
+    while [ -n "$(jobs -r)" ] && ((SECONDS - started < RESNET_SECONDS)); do sleep 5; done
+    kill $(jobs -p) 2>/dev/null
+    echo "resnet: $((SECONDS - started)) s"
+    for depth in $RESNET_DEPTHS; do
+        $PY -c "import json, os; p = '$WORK/resnet/$depth/results.json'
+r = json.load(open(p)) if os.path.exists(p) else None
+print(f'ResNet-$depth: ' + (f\"test error {100 * (1 - r['test_accuracy']):.2f}% (paper ${paper[$depth]:-?}%), \"
+      f\"{r['steps']} steps, {r['train_seconds']:.0f} s, {r['parameters']:,} parameters\" if r else 'not finished'))"
+    done
 }
 
 stage_peer() {

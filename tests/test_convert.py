@@ -138,13 +138,18 @@ def one_empty_class_folder(root):
     return ("train/zebra: an empty class folder (no image files); add its images or remove it",)
 
 
+def one_class(root):
+    image_folder(root, classes=("cat",))
+    return ("1 class folder (cat) in train/ and test/; a classifier needs at least 2 classes",)
+
+
 def empty_folder(root):
     root.mkdir()
     return ("no train/ folder",)
 
 
 @pytest.mark.parametrize("make", [corrupt_image, missing_test, other_classes, stray_file, empty_class_folders,
-                                  one_empty_class_folder, empty_folder])
+                                  one_empty_class_folder, one_class, empty_folder])
 def test_bad_folder_is_refused_and_leaves_nothing(make, tmp_path):
     words = make(tmp_path / "images")
     with pytest.raises((DataError, ImageError)) as caught:

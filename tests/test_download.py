@@ -11,7 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import run_cli, write_dataset
+from deepcnn import download
 from deepcnn.datamodule import CifarDataModule
+from deepcnn.download import DEFAULT_CACHE
 from deepcnn.errors import DataError
 from deepcnn.records import CIFAR10
 
@@ -68,6 +70,7 @@ def serve(server, name: str, body: bytes, sent: int | None = None) -> str:
 
 
 def datamodule(data_dir, url, checksum) -> CifarDataModule:
+    data_dir.mkdir(parents=True, exist_ok=True)  # a download goes into an empty folder named for it
     return CifarDataModule(data_dir=str(data_dir), url=url, md5=checksum, batch_size=4, eval_batch_size=4, val_size=0)
 
 
@@ -224,20 +227,22 @@ def test_fallback_extracts_files_and_folders_only_as_plain_files(monkeypatch, se
 
 
 # Tests run as root, whom permission bits do not stop: a regular file standing where a folder is needed, and
-# /proc, a folder in which no file can be created, refuse writes to every user.
+# /proc, a folder in which no file can be created, refuse writes to every user. Only the default cache is
+# created for a download, so that is where these stand.
 @pytest.mark.parametrize("where", ["under a file", "/proc"])
-def test_data_folder_that_cannot_be_written_is_named(where, server, tmp_path):
+def test_data_folder_that_cannot_be_written_is_named(where, server, tmp_path, monkeypatch):
     if where == "under a file":
         (tmp_path / "file").write_text("in the way")
         data_dir, reason = tmp_path / "file" / "data", "Not a directory"
     else:
-        data_dir, reason = Path(where), "No such file or directory"
-        if not data_dir.is_dir():
+        data_dir, reason = Path(where) / "deepcnn", "No such file or directory"
+        if not data_dir.parent.is_dir():
             pytest.skip("no /proc here")
+    monkeypatch.setattr(download, "DEFAULT_CACHE", data_dir)
     body = archive(tmp_path)
     url = serve(server, "cifar-10-binary.tar.gz", body)
     with pytest.raises(DataError) as err:
-        datamodule(data_dir, url, md5(body)).prepare_data()
+        CifarDataModule(data_dir=str(data_dir), url=url, md5=md5(body), val_size=0).prepare_data()
     assert str(err.value).startswith(
         f"no CIFAR binary batches in {data_dir}, and downloading them failed: {data_dir}: cannot be written "
         f"({reason}); the download needs a folder it can write to.")
@@ -248,6 +253,7 @@ def test_failed_download_is_reported_without_traceback(server, tmp_path):
     body = archive(tmp_path)
     url = serve(server, "cifar-10-binary.tar.gz", body)
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
     result = run_cli("train.py", f"data.data_dir={data_dir}", f"data.url={url}", f"data.md5={md5(b'other')}",
                      f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=2")
     assert result.returncode == 2
@@ -255,3 +261,58 @@ def test_failed_download_is_reported_without_traceback(server, tmp_path):
             f"{md5(body)}, expected {md5(b'other')}; the download was removed") in result.stderr
     assert "Traceback" not in result.stderr
     assert_nothing_left(data_dir)
+
+
+def refused_download(server, tmp_path, data_dir) -> str:
+    body = archive(tmp_path)
+    url = serve(server, "cifar-10-binary.tar.gz", body)
+    module = CifarDataModule(data_dir=str(data_dir), url=url, md5=md5(body), val_size=0)
+    with pytest.raises(DataError) as err:
+        module.prepare_data()
+    assert server.requests == []
+    return str(err.value)
+
+
+NO_RECORDS = "no CIFAR binary batches (cifar-10-batches-bin/data_batch_*.bin, test_batch.bin, batches.meta.txt)"
+ONLY_INTO = f"data.download=true downloads CIFAR-10 only into {DEFAULT_CACHE} or an empty folder"
+
+
+def test_a_mistyped_data_dir_is_neither_created_nor_downloaded_into(server, tmp_path):
+    mistyped = tmp_path / "cifra10"
+    assert refused_download(server, tmp_path, mistyped) == (
+        f"{mistyped}: {NO_RECORDS}: folder does not exist. {ONLY_INTO}")
+    assert not mistyped.exists()
+
+
+def test_a_folder_of_images_is_not_filled_with_cifar10(server, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for split in ("train", "test"):
+        (images / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(images / split / "cat" / "1.png")
+    assert refused_download(server, tmp_path, images) == (
+        f"{images}: {NO_RECORDS}: holds image folders: convert them with src/convert.py input={images} "
+        f"output=NEW_FOLDER. {ONLY_INTO}")
+    assert sorted(p.name for p in images.iterdir()) == ["test", "train"]
+
+
+def test_a_folder_of_other_files_is_not_filled_with_cifar10(server, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (other / name).write_text("mine")
+    assert refused_download(server, tmp_path, other) == (
+        f"{other}: {NO_RECORDS}: holds other files (a.txt, b.txt, c.txt, ...). {ONLY_INTO}")
+    assert len(list(other.iterdir())) == 4
+
+
+def test_the_default_cache_is_made_and_downloaded_into(server, tmp_path, monkeypatch):
+    cache = tmp_path / "home" / ".cache" / "deepcnn"
+    monkeypatch.setattr(download, "DEFAULT_CACHE", cache)
+    body = archive(tmp_path)
+    module = CifarDataModule(data_dir=str(cache), url=serve(server, "cifar-10-binary.tar.gz", body), md5=md5(body),
+                             val_size=0)
+    module.prepare_data()
+    module.setup()
+    assert module.classes == ["cat", "dog", "ship"]

@@ -1,6 +1,9 @@
 """Bad input stops a run before training: one line naming the file and the problem, a non-zero exit,
 no traceback. Data faults go through the command line as a user meets them; checkpoint faults through
 load_classifier, which every entry script uses to open a checkpoint."""
+import os
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +77,7 @@ def test_missing_data_folder_stops_before_training(tmp_path):
 @pytest.mark.parametrize("content, problem", [
     (b"", "class-name file names no classes"),
     (b"\n \n\n", "class-name file names no classes"),
+    (b"cat\n\n", "class-name file names 1 class (cat); a classifier needs at least 2"),
     (b"cat\ndog\ncat\nship\ndog\n", "class-name file repeats cat, dog"),
     ("\n".join(f"c{i}" for i in range(257)).encode(), "class-name file names 257 classes; a label byte holds at most "
                                                        "256"),
@@ -182,3 +186,64 @@ def test_train_refuses_to_resume_from_another_network(tiny_data, tmp_path):
             "with the settings it was trained with") in result.stderr
     assert "Traceback" not in result.stderr
     assert "step " not in result.stdout
+
+
+def test_init_from_another_network_names_both_in_one_line(tiny_data, tmp_path):
+    path = tmp_path / "model.ckpt"
+    narrow = {"_target_": "deepcnn.models.RecipeCNN", "channels": 4, "hidden": [16, 8]}
+    torch.save(lightning_checkpoint(tiny_classifier(narrow)), path)
+    result = run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}", f"init_from={path}",
+                     "model.channels=8", "model.hidden=[16,8]", *TINY_RUN)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"deepcnn: error: init_from={path}: holds the weights of RecipeCNN(channels=4, hidden=[16, 8]) for 3 classes, "
+        "which do not fit this run's RecipeCNN(channels=8, hidden=[16, 8]) for 3 classes")
+    assert "Traceback" not in result.stderr and "size mismatch" not in result.stderr
+
+
+class RunsAShellCommand:
+    """Unpickles as os.system(command)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("save", [
+    lambda obj, path: torch.save(obj, path),
+    lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=4)),  # a plain pickle, as if renamed .ckpt
+], ids=["torch.save", "pickle"])
+def test_a_checkpoint_that_would_run_a_shell_command_names_it(save, tmp_path):
+    made = tmp_path / "made-by-loading"
+    path = tmp_path / "model.ckpt"
+    save({"state_dict": {}, "hyper_parameters": RunsAShellCommand(f"touch {made}")}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_classifier(path)
+    assert str(err.value) == (f"{path}: refused: loading it would call posix.system, and a checkpoint holds only "
+                              "tensors and plain values (this file could run code)")
+    assert not made.exists()
+
+
+def test_eval_reads_the_test_set_whatever_the_training_split(tiny_data, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save(lightning_checkpoint(tiny_classifier()), path)
+    # 128 training records, fewer than data.val_size's 5,000: a training run would refuse them.
+    result = run_cli("eval.py", f"ckpt_path={path}", f"data.data_dir={tiny_data}", "data.download=false",
+                     f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test accuracy: " in result.stdout and "(whole test set)" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_64_bit_precision_is_one_line(script, tiny_data, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save(lightning_checkpoint(tiny_classifier()), path)
+    result = run_cli(script, f"ckpt_path={path}" if script == "eval.py" else "trainer.max_steps=2",
+                     f"data.data_dir={tiny_data}", "data.download=false", "trainer.precision=64",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "deepcnn: error: trainer.precision: got 64; it must be auto, 32-true, bf16-mixed or 16-mixed (deepcnn's data "
+        "and layers are float32: it does not train in 64 bits)"]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepcnn.models import DeepCNN, MatrixConv2d, RecipeCNN, local_response_norm, same_max_pool
+from deepcnn.models import DeepCNN, RecipeCNN, local_response_norm, same_max_pool
+from deepcnn.patch_gradients import PatchGradConv2d, use_patch_gradients
 
 
 def np_lrn(x, depth_radius=5, bias=2.0, alpha=1e-3, beta=0.75):
@@ -110,14 +111,19 @@ def test_deep_cnn_depth_from_config():
     assert model(torch.zeros(2, 3, 24, 24)).shape == (2, 7)
 
 
-def test_matrix_conv_is_a_convolution_whose_weight_is_a_matrix():
+def patched(*args, **kwargs) -> torch.nn.Conv2d:
+    return use_patch_gradients(torch.nn.Sequential(torch.nn.Conv2d(*args, **kwargs)))[0]
+
+
+def test_the_patch_gradient_swap_keeps_the_convolution_its_parameters_and_its_keys():
     plain = torch.nn.Conv2d(6, 4, 3, padding=1)
-    matrix = MatrixConv2d(6, 4, 3, padding=1)
-    matrix.load_state_dict(plain.state_dict())  # a 4-D filter bank, as checkpoints before matrices held
-    assert matrix.weight.shape == (4, 54)
-    x = torch.randn(2, 6, 8, 8)
-    torch.testing.assert_close(matrix(x), plain(x))
-    torch.testing.assert_close(matrix(x.contiguous(memory_format=torch.channels_last)), plain(x))
+    model = torch.nn.Sequential(torch.nn.Conv2d(6, 4, 3, padding=1), torch.nn.ReLU())
+    weight = model[0].weight
+    use_patch_gradients(model)
+    assert type(model[0]) is PatchGradConv2d and model[0].weight is weight
+    model.load_state_dict({f"0.{k}": v for k, v in plain.state_dict().items()})
+    x = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model[0](x), plain(x))
 
 
 @pytest.mark.parametrize("kernel, padding, bias, side", [(3, 1, False, 3), (3, 1, True, 5), (5, 2, True, 4),
@@ -125,7 +131,7 @@ def test_matrix_conv_is_a_convolution_whose_weight_is_a_matrix():
 def test_small_maps_take_the_weight_gradient_from_unfolded_patches_and_it_is_the_convolutions(kernel, padding, bias,
                                                                                                side):
     torch.manual_seed(0)
-    conv = MatrixConv2d(8, 6, kernel, padding=padding, bias=bias).double()
+    conv = patched(8, 6, kernel, padding=padding, bias=bias).double()
     x = torch.randn(4, 8, side, side, dtype=torch.double).contiguous(memory_format=torch.channels_last)
     assert conv.patch_gradient(x)
     g = torch.randn_like(conv(x))
@@ -136,16 +142,16 @@ def test_small_maps_take_the_weight_gradient_from_unfolded_patches_and_it_is_the
         forward(leaf).backward(g)
         return [leaf.grad, conv.weight.grad] + ([conv.bias.grad] if bias else [])
 
-    for patched, plain in zip(gradients(conv), gradients(lambda t: conv._conv_forward(t, conv.filters(), conv.bias))):
-        torch.testing.assert_close(patched, plain)
+    for fast, plain in zip(gradients(conv), gradients(lambda t: conv._conv_forward(t, conv.weight, conv.bias))):
+        torch.testing.assert_close(fast, plain)
 
 
 def test_patch_gradients_under_bf16_autocast_match_oneDNNs():
     torch.manual_seed(0)
-    conv = MatrixConv2d(64, 64, 3, padding=1, bias=False)
+    conv = patched(64, 64, 3, padding=1, bias=False)
     x = torch.randn(32, 64, 3, 3).contiguous(memory_format=torch.channels_last)
     grads = []
-    for forward in (conv, lambda t: conv._conv_forward(t, conv.filters(), None)):
+    for forward in (conv, lambda t: conv._conv_forward(t, conv.weight, None)):
         conv.zero_grad()
         with torch.autocast("cpu", torch.bfloat16):
             y = forward(x)
@@ -157,9 +163,9 @@ def test_patch_gradients_under_bf16_autocast_match_oneDNNs():
 
 
 def test_patch_gradients_only_for_training_passes_over_small_maps():
-    conv = MatrixConv2d(4, 4, 3, padding=1)
+    conv = patched(4, 4, 3, padding=1)
     assert conv.patch_gradient(torch.zeros(1, 4, 5, 5))
     assert not conv.patch_gradient(torch.zeros(1, 4, 6, 6))  # 36 positions: oneDNN's own gradient is faster
     with torch.no_grad():
         assert not conv.patch_gradient(torch.zeros(1, 4, 5, 5))
-    assert not MatrixConv2d(4, 4, 3, padding=1, stride=2).patch_gradient(torch.zeros(1, 4, 5, 5))
+    assert not patched(4, 4, 3, padding=1, stride=2).patch_gradient(torch.zeros(1, 4, 5, 5))

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, run_cli, write_dataset
 from deepcnn import augment
-from deepcnn.checkpoints import AtomicCheckpointIO
+from deepcnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from deepcnn.datamodule import CifarDataModule
 from deepcnn.checkpoints import load_classifier
 
@@ -282,9 +282,9 @@ def test_checkpoint_round_trip(data, reference):
             (predictions[of_class] == index).float().mean().item(), abs=1e-7), name
 
 
-@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()],
-                         ids=["disk full", "interrupted"])
-def test_checkpoint_write_cut_off_keeps_previous_checkpoint(fault, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault, raised", [(OSError(28, "No space left on device"), CheckpointWriteError),
+                                           (KeyboardInterrupt(), KeyboardInterrupt)], ids=["disk full", "interrupted"])
+def test_checkpoint_write_cut_off_keeps_previous_checkpoint(fault, raised, tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"global_step": 10, "weights": torch.arange(1000.0)}, path)
     before = path.read_bytes()
@@ -294,7 +294,7 @@ def test_checkpoint_write_cut_off_keeps_previous_checkpoint(fault, tmp_path, mon
         raise fault
 
     monkeypatch.setattr(torch, "save", cut_off)
-    with pytest.raises(type(fault)):
+    with pytest.raises(raised):
         AtomicCheckpointIO().save_checkpoint({"global_step": 20, "weights": torch.zeros(1000)}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before

@@ -3,6 +3,7 @@ code 2; Hydra's own findings (an unknown key or option) end the same way."""
 import importlib.util
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
@@ -48,14 +49,9 @@ BAD = [
     ("+optimizer.betas=[0.9,0.99]", "optimizer.betas: unknown key", "torch.optim.SGD takes"),
     ("+model.input_size=32", "model.input_size: set by deepcnn from data.crop_size", "leave it out"),
     ("+data.augment.hue=0.1", "data.augment.hue: unknown distortion", "data.augment takes random_crop, pad"),
+    ("+callbacks.best_checkpoint.montior=val/loss", "callbacks.best_checkpoint.montior: unknown key",
+     "pytorch_lightning.callbacks.ModelCheckpoint takes auto_insert_metric_name"),
 ]
-
-
-def optuna_sweeper_installed() -> bool:
-    try:
-        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def composed(*overrides):
@@ -95,17 +91,15 @@ def test_recipe_tuned_is_the_recipe_with_another_optimizer_and_schedule():
 
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", "deepcnn: error: data.batch_size: got 0; it must be an integer >= 1"),
+    ("+seeed=1", "deepcnn: error: seeed: unknown setting (added by +seeed=1)"),
+    ("+callbacks.best_checkpoint.every_n_step=10", "deepcnn: error: callbacks.best_checkpoint.every_n_step: unknown "
+                                                    "key; pytorch_lightning.callbacks.ModelCheckpoint takes"),
+    ("+callbacks.early_stopping.patience=3", "deepcnn: error: callbacks.early_stopping: not a chosen callback (it has "
+                                             "no _target_); choose callbacks with callbacks=[default,early_stopping]"),
     ("data.bogus=1", "deepcnn: error: Could not override 'data.bogus'."),
     ("scheduler=steps", "deepcnn: error: In 'train': Could not find 'scheduler/steps'; Available options in "
-                        "'scheduler':; constant; cosine; deep; exponential; linear; recipe_tuned; triangle"),
-    pytest.param("hydra/sweeper=optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
-                 "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
-                     optuna_sweeper_installed(),
-                     reason="the sweep extra is installed")),
-    pytest.param("hparams_search=recipe_optuna", "hydra/sweeper/optuna is a Hydra plugin that comes with an extra: "
-                 "pip install -e '.[sweep]'", marks=pytest.mark.skipif(
-                     optuna_sweeper_installed(),
-                     reason="the sweep extra is installed")),
+                        "'scheduler':; constant; cosine; deep; exponential; linear; multistep; recipe_tuned; triangle; "
+                        "wide_resnet"),
 ])
 def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override, message, tmp_path):
     result = run_cli("train.py", override, f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
@@ -116,12 +110,13 @@ def test_command_line_mistakes_exit_2_with_one_line_before_reading_data(override
     assert "no-data" not in result.stderr  # stopped before looking for the data
 
 
-def test_a_plugin_named_in_a_config_names_its_extra():
-    """hparams_search presets name the Optuna sweeper in their defaults, where Hydra cannot "load" it
-    (the message as Hydra 1.3 words it)."""
-    missing = "In 'hydra/sweeper/resumable_optuna': Could not load 'hydra/sweeper/optuna'."
-    assert cli.one_line(Exception(missing)) == (
-        f"{missing} (hydra/sweeper/optuna is a Hydra plugin that comes with an extra: pip install -e '.[sweep]')")
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="the sweep extra is installed")
+def test_a_search_without_optuna_names_its_extra_before_any_run(tmp_path):
+    result = run_cli("train.py", "-m", "hparams_search=recipe_optuna", f"data.data_dir={tmp_path / 'no-data'}",
+                     f"hydra.sweep.dir={tmp_path / 'search'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "deepcnn: error: hparams_search needs Optuna, which comes with the sweep extra: pip install -e '.[sweep]'"]
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -136,3 +131,46 @@ def test_a_trainer_setting_lightning_refuses_is_one_line(key, value, message, tm
     with pytest.raises(SettingsError) as err:
         build_trainer(cfg.trainer, tmp_path, [], [])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("width", [16, 32])
+def test_the_fast_network_takes_only_the_whitening_width_its_filters_fill(width):
+    from deepcnn.models import whitening_filters, whitening_width
+
+    assert whitening_width() == len(whitening_filters(torch.rand(8, 3, 8, 8), size=2))
+    settings.check(composed("experiment=fast"))
+    with pytest.raises(SettingsError) as err:
+        settings.check(composed("experiment=fast", f"model.whiten_width={width}"))
+    assert str(err.value) == (f"model.whiten_width: got {width}; it must be {whitening_width()}, the filters the fast "
+                              "network's 2x2 whitening of 3 channels gives")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+seeed=1"], "seeed: unknown setting (added by +seeed=1); nothing reads it. The settings are listed by: "
+                   "python src/train.py --cfg job"),
+    (["init_from=a.ckpt", "ckpt_path=b.ckpt"], "init_from=a.ckpt and ckpt_path=b.ckpt: choose one; ckpt_path resumes "
+                                               "a run where it stopped, init_from starts a new run from a "
+                                               "checkpoint's weights"),
+    (["trainer.precision=64"], "trainer.precision: got 64; it must be auto, 32-true, bf16-mixed or 16-mixed "
+                               "(deepcnn's data and layers are float32: it does not train in 64 bits)"),
+    (["trainer.precision=64-true"], "trainer.precision: got '64-true'; it must be auto"),
+])
+def test_settings_that_would_be_ignored_or_fail_later_are_refused(overrides, message):
+    with pytest.raises(SettingsError) as err:
+        settings.check(composed(*overrides), overrides)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides", [["init_from=a.ckpt", "ckpt_path=auto"],
+                                       ["++seed=3"], ["+trainer.accumulate_grad_batches=1"]])
+def test_what_the_added_key_checks_leave_alone(overrides):
+    settings.check(composed(*overrides), overrides)
+
+
+def test_an_empty_data_dir_is_refused_rather_than_the_current_folder_filled(tmp_path):
+    result = run_cli("train.py", "data.data_dir=", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "deepcnn: error: data.data_dir: empty; name the folder that holds cifar-10-batches-bin/ (or leave it out for "
+        "$DEEPCNN_DATA, else ~/.cache/deepcnn)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -14,8 +14,8 @@ from PIL import Image
 from conftest import ROOT, run_cli
 from deepcnn.summary import SummarizeSweep, SweepError, read_sweep, write_summary
 
-DONE = {"status": "done", "reason": None, "objective": "val_accuracy", "test_accuracy": 0.5, "steps": 2000,
-        "train_seconds": 61.3, "images_per_second": 4180.0}
+DONE = {"status": "done", "reason": None, "objective": "val_accuracy", "test_accuracy": 0.5, "parameters": 269722,
+        "steps": 2000, "train_seconds": 61.3, "images_per_second": 4180.0}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -50,17 +50,17 @@ def test_runs_best_first_and_failed_last_with_reason(lr_sweep):
     written = write_summary(read_sweep(lr_sweep))
     assert [path.name for path in written] == ["summary.csv", "summary.md", "summary.png"]
     rows = read_csv(lr_sweep / "summary.csv")
-    assert list(rows[0]) == ["run", "optimizer.lr", "val_accuracy", "test_accuracy", "steps", "train_seconds",
-                             "images_per_second", "status", "reason"]
+    assert list(rows[0]) == ["run", "optimizer.lr", "val_accuracy", "test_accuracy", "parameters", "steps",
+                             "train_seconds", "images_per_second", "status", "reason"]
     assert [(row["run"], row["optimizer.lr"], row["status"]) for row in rows] == [
         ("2", "0.05", "done"), ("0", "0.01", "done"), ("1", "0.5", "failed")]
     assert rows[0]["val_accuracy"] == "0.7125" and rows[0]["test_accuracy"] == "0.7"
     assert rows[2]["reason"] == "loss became nan at step 37" and rows[2]["val_accuracy"] == ""
     table = (lr_sweep / "summary.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| ")][2:]
-    assert body == ["| 2 | 0.05 | 71.25 | 70.00 | 2,000 | 61.3 | 4,180 | done |  |",
-                    "| 0 | 0.01 | 61.00 | 60.00 | 2,000 | 61.3 | 4,180 | done |  |",
-                    "| 1 | 0.5 |  |  | 2,000 | 61.3 | 4,180 | failed | loss became nan at step 37 |"]
+    assert body == ["| 2 | 0.05 | 71.25 | 70.00 | 269,722 | 2,000 | 61.3 | 4,180 | done |  |",
+                    "| 0 | 0.01 | 61.00 | 60.00 | 269,722 | 2,000 | 61.3 | 4,180 | done |  |",
+                    "| 1 | 0.5 |  |  | 269,722 | 2,000 | 61.3 | 4,180 | failed | loss became nan at step 37 |"]
     assert not (lr_sweep / "summary_by_seed.csv").exists()
 
 
@@ -102,6 +102,15 @@ def test_one_seed_leaves_the_standard_deviation_blank(tmp_path):
     [row] = read_csv(sweep / "summary_by_seed.csv")
     assert row == {"val_accuracy_mean": "0.7", "val_accuracy_std": "", "test_accuracy_mean": "0.69",
                    "test_accuracy_std": "", "seeds": "1"}
+
+
+def test_results_from_before_parameters_were_recorded_still_read(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "0", ["optimizer.lr=0.1"], val_accuracy=0.7)
+    results = sweep / "0" / "results.json"
+    results.write_text(json.dumps({k: v for k, v in json.loads(results.read_text()).items() if k != "parameters"}))
+    (run,) = read_sweep(sweep).runs
+    assert run.parameters is None and run.val_accuracy == 0.7
 
 
 def test_run_without_results_is_interrupted(tmp_path):
@@ -168,7 +177,7 @@ def test_plot_has_a_panel_per_swept_key_and_marks_failed_runs(lr_sweep, tmp_path
 def test_cli_prints_the_table_and_the_files_it_wrote(lr_sweep, tmp_path):
     result = run_cli("summarize.py", f"dir={lr_sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 1 | 0.5 |  |  | 2,000 | 61.3 | 4,180 | failed | loss became nan at step 37 |" in result.stdout
+    assert "| 1 | 0.5 |  |  | 269,722 | 2,000 | 61.3 | 4,180 | failed | loss became nan at step 37 |" in result.stdout
     for name in ("summary.csv", "summary.md", "summary.png"):
         assert f"wrote {lr_sweep / name}" in result.stdout
         assert (lr_sweep / name).is_file()

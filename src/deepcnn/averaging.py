@@ -27,8 +27,9 @@ class Lookahead(pl.Callback):
         if self.average is None:
             self.average = {k: v.detach().clone() for k, v in state.items()}
         for key, value in state.items():
-            # A resumed checkpoint's average is read onto the CPU; the weights may live on a GPU.
-            average = self.average[key] = self.average[key].to(value.device)
+            # A resumed checkpoint's average is read onto the CPU; the weights may live on a GPU. Averages from
+            # when filters were stored as matrices take the filters' shape.
+            average = self.average[key] = self.average[key].to(value.device).reshape(value.shape)
             average.lerp_(value, 1 - decay)
             value.copy_(average)
 
@@ -38,6 +39,10 @@ class Lookahead(pl.Callback):
             self.update(pl_module.model, 1.0)
         elif step % self.every == 0:
             self.update(pl_module.model, self.decay(step, trainer.max_steps))
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step < trainer.max_steps and self.average is not None:
+            self.update(pl_module.model, 1.0)
 
     def state_dict(self):
         return {"average": self.average}

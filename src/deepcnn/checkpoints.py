@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 import warnings
 from pathlib import Path
 
@@ -23,15 +25,45 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from deepcnn.errors import CheckpointError
-from deepcnn.files import replaced_on_success
+from deepcnn.files import OutputError, replaced_on_success
 from deepcnn.module import Classifier
+
+class CheckpointWriteError(OutputError):
+    """A checkpoint could not be written (the disk is full): the run stops, and the previous one is kept whole."""
+
 
 # The hyperparameters that rebuild a Classifier; a run resumed with any of them changed is another run.
 BUILD_KEYS = ("model", "optimizer", "scheduler", "loss", "classes", "input_size")
 
 
-# How torch's weights-only unpickler names what it refused, e.g. "GLOBAL io.open".
-REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# How torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL io.open", or for a
+# blocked module "unsupported GLOBAL posix.system whose module posix is blocked".
+REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")
+# Pickle opcodes that name a function or class: GLOBAL with its argument, STACK_GLOBAL with the two
+# strings pushed before it.
+GLOBAL_OPS = {"GLOBAL", "INST"}
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """The functions and classes a pickle names ("posix.system"), read without unpickling it: from the file,
+    or from the data.pkl inside a torch.save archive."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in GLOBAL_OPS:
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # noqa: BLE001 - a damaged pickle names nothing; the caller reports torch's own reason
+        return []
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -46,9 +78,11 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = REFUSED_GLOBAL.search(str(err))
-        if refused:
-            raise CheckpointError(f"{path}: refused: loading it would call {refused.group(1)}, and a checkpoint holds "
-                                  "only tensors and plain values (this file could run code)") from None
+        # torch names only what it refused; when it stops earlier (an opcode it does not read), the pickle's own.
+        called = refused.group(1) if refused else next(iter(pickled_globals(path)), None)
+        if called:
+            raise CheckpointError(f"{path}: refused: loading it would call {called}, and a "
+                                  "checkpoint holds only tensors and plain values (this file could run code)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(err)})") from None
     except (RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, damaged or cut short "
@@ -83,10 +117,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     cut off midway leaves the previous checkpoint whole; reads one as data (see read_checkpoint)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        with replaced_on_success(path) as partial, open(partial, "wb") as out:
-            torch.save(checkpoint, out)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with replaced_on_success(path) as partial, open(partial, "wb") as out:
+                torch.save(checkpoint, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except OutputError as err:
+            raise CheckpointWriteError(str(err)) from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(path)
@@ -166,7 +203,25 @@ def load_weights(classifier: Classifier, checkpoint: dict, path: str | Path, net
     try:
         classifier.load_state_dict(checkpoint["state_dict"])
     except Exception as err:
-        raise CheckpointError(f"{path}: its weights do not fit {network} ({err})") from None
+        details = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise CheckpointError(f"{path}: its weights do not fit {network} ({details})") from None
+
+
+def network_name(hparams: dict) -> str:
+    """A network as its settings name it: "RecipeCNN(channels=64, hidden=[384, 192]) for 10 classes"."""
+    model = hparams["model"]
+    settings = ", ".join(f"{key}={value}" for key, value in model.items() if not key.startswith("_"))
+    return f"{model['_target_'].rsplit('.', 1)[-1]}({settings}) for {len(hparams['classes'])} classes"
+
+
+def init_weights(classifier: Classifier, path: str | Path) -> None:
+    """init_from: a new run starts from a checkpoint's weights, which must fit its network."""
+    checkpoint = deepcnn_checkpoint(path)
+    try:
+        classifier.load_state_dict(checkpoint["state_dict"])
+    except Exception:
+        raise CheckpointError(f"init_from={path}: holds the weights of {network_name(checkpoint['hyper_parameters'])}, "
+                              f"which do not fit this run's {network_name(classifier.hparams)}") from None
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: Path) -> str | None:

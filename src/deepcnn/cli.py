@@ -21,10 +21,13 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deepcnn.download import DEFAULT_CACHE
+from deepcnn.errors import UserError
+
 
 # Hydra plugins that are optional extras of pyproject.toml, by the config option that names them.
-PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "sweep", "hydra/launcher/joblib": "cluster",
-                 "hydra/launcher/submitit_local": "cluster", "hydra/launcher/submitit_slurm": "cluster"}
+PLUGIN_EXTRAS = {"hydra/launcher/joblib": "cluster", "hydra/launcher/submitit_local": "cluster",
+                 "hydra/launcher/submitit_slurm": "cluster"}
 _claimed: dict[str, str] = {}
 
 
@@ -40,18 +43,22 @@ def unique_dir(path: str) -> str:
     return _claimed[path]
 
 
-def claim_dir(path: str) -> str:
+def claim_dir(path: str, setting: str = "hydra.run.dir") -> str:
     """`path`, or `path_1`, `path_2`, ... when it is taken, created now: made in one step, so that of two processes
-    asking at once each gets its own."""
+    asking at once each gets its own. `setting` names the folder's setting, for a folder that cannot be made."""
     base, suffix = Path(path), 0
-    base.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
-        try:
-            candidate.mkdir()
-            return str(candidate)
-        except FileExistsError:
-            suffix += 1
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
+            try:
+                candidate.mkdir()
+                return str(candidate)
+            except FileExistsError:
+                suffix += 1
+    except OSError as err:
+        raise UserError(f"{base.parent.absolute()}: the run's folder cannot be created there ({err.strerror}); run "
+                        f"from a folder you can write to, or name one with {setting}=FOLDER") from None
 
 
 def remove_if_unused(folder: str | Path) -> bool:
@@ -91,11 +98,12 @@ def override_key(override: str) -> str:
 def run_overrides(hydra_cfg) -> list[str]:
     """The overrides that made this run: a run carried on in its folder (a resume, extended or not) keeps the
     name it was given when it started, from the config it keeps there (see config_subdir)."""
-    # No output folder yet when a config is only composed (Hydra's compose API).
+    # A config composed outside a run (tests, benchmarks) has no folder yet.
     output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None)
-    saved = Path(output_dir or ".") / ".hydra" / "overrides.yaml"
-    if hydra_cfg.mode == RunMode.RUN and output_dir and holds_run(output_dir) and saved.is_file():
-        return list(OmegaConf.load(saved))
+    if hydra_cfg.mode == RunMode.RUN and output_dir and holds_run(output_dir):
+        saved = Path(output_dir) / ".hydra" / "overrides.yaml"
+        if saved.is_file():
+            return list(OmegaConf.load(saved))
     return list(hydra_cfg.overrides.task)
 
 
@@ -119,6 +127,7 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
 OmegaConf.register_new_resolver("min", min, replace=True)
+OmegaConf.register_new_resolver("data_cache", lambda: str(DEFAULT_CACHE), replace=True)
 # ${fraction:${trainer.max_steps},0.5}: a share of a count, as a whole number.
 OmegaConf.register_new_resolver("fraction", lambda count, share: round(count * share), replace=True)
 
@@ -138,5 +147,14 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"deepcnn: error: {one_line(err)}", file=sys.stderr)
+        # deepcnn's own error in a resolver (unique_dir), which OmegaConf wraps in its own.
+        cause = next((e for e in chain(err) if isinstance(e, UserError)), None)
+        print(f"deepcnn: error: {cause if cause else one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def chain(err: BaseException | None):
+    """An exception and those it was raised from or during."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -29,9 +30,13 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from deepcnn.errors import SettingsError, reported_errors
 
-# Launchers that start each process of a run as one of their tasks.
-TASK_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.",)
+# Launchers that start each process of a run as one of their tasks (deepcnn_slurm: hydra/launcher=slurm).
+TASK_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.", "hydra_plugins.deepcnn_slurm.")
 WORKING_LAUNCHERS = "hydra/launcher=local (this machine) or hydra/launcher=slurm (one task per process)"
+
+# Lightning's hint, wherever srun is installed, to prepend srun to the command: on SLURM, hydra/launcher=slurm
+# starts the processes with srun, and a multirun that would need it stops with WORKING_LAUNCHERS instead.
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 def lightning_starts_processes(trainer_cfg: DictConfig) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 from deepcnn.errors import DataError
 from deepcnn.files import refuse_output_over_inputs
 from deepcnn.images import files_under, read_image, visible
-from deepcnn.records import CIFAR10, MAX_CLASSES
+from deepcnn.records import CIFAR10, MAX_CLASSES, MIN_CLASSES
 
 SPLITS = ("train", "test")
 # The official training files hold 10,000 records each.
@@ -45,6 +45,9 @@ def check_classes(root: Path, splits: dict[str, dict[str, list[Path]]]) -> list[
             f"{root}: train/ and test/ have different class folders "
             f"(only in train/: {', '.join(only_train)}; only in test/: {', '.join(only_test)})"
         )
+    if len(classes) < MIN_CLASSES:
+        raise DataError(f"{root}: {len(classes)} class folder ({classes[0]}) in train/ and test/; a classifier needs "
+                        f"at least {MIN_CLASSES} classes")
     if len(classes) > MAX_CLASSES:
         raise DataError(f"{root}: {len(classes)} classes; a CIFAR label byte holds at most {MAX_CLASSES}")
     return classes

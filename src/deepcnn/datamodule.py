@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from deepcnn import augment
-from deepcnn.download import download_dataset
+from deepcnn.download import DEFAULT_CACHE, download_dataset, download_refusal
 from deepcnn.checkpoints import refuse_changed_settings
 from deepcnn.errors import DataError, DownloadError, SettingsError
 from deepcnn.records import CIFAR10, Dataset, find_records_dir, open_dataset, split_indices
@@ -159,6 +159,9 @@ class CifarDataModule(pl.LightningDataModule):
                  in_memory: bool = False, early_size: int | None = None, early_steps: int = 0,
                  distort_at_once: int = 1024):
         super().__init__()
+        if not str(data_dir).strip():
+            raise SettingsError("data.data_dir: empty; name the folder that holds cifar-10-batches-bin/ (or leave it "
+                                "out for $DEEPCNN_DATA, else ~/.cache/deepcnn)")
         if early_steps and not (early_size and 0 < early_size <= crop_size):
             raise SettingsError(f"data.early_size={early_size}: the early steps' image side must be between 1 and "
                                 f"data.crop_size={crop_size}")
@@ -187,6 +190,11 @@ class CifarDataModule(pl.LightningDataModule):
         if not self.download:
             problem = "no CIFAR binary batches here" if self.data_dir.is_dir() else "folder does not exist"
             raise DataError(f"{where}: {problem}, and data.download=false")
+        refusal = download_refusal(self.data_dir)
+        if refusal:
+            raise DataError(f"{where}: no CIFAR binary batches ({CIFAR10.folder}/{CIFAR10.train_glob}, "
+                            f"{CIFAR10.test_file}, {CIFAR10.label_names['fine'][1]}): {refusal}. data.download=true "
+                            f"downloads CIFAR-10 only into {DEFAULT_CACHE} or an empty folder")
         try:
             download_dataset(self.url, self.md5, self.data_dir, CIFAR10.folder)
         except DownloadError as err:

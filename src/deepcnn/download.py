@@ -14,6 +14,26 @@ from pathlib import Path
 from deepcnn.errors import DownloadError
 
 CHUNK = 1 << 20
+# Where data.data_dir points unless told otherwise (conf/data/cifar10.yaml, through the data_cache resolver).
+DEFAULT_CACHE = Path.home() / ".cache" / "deepcnn"
+# Image-folder datasets (train/<class>/*, test/<class>/*) that src/convert.py turns into records.
+IMAGE_SPLITS = ("train", "test")
+
+
+def download_refusal(folder: Path) -> str | None:
+    """Why CIFAR-10 must not be downloaded into `folder` (which holds no records), or None. It goes into the
+    default cache, or a folder that exists and is empty (hidden files aside, such as an earlier download's
+    lock): never into a path that may be mistyped, nor beside other data."""
+    if folder.resolve() == DEFAULT_CACHE.resolve():
+        return None
+    if not folder.is_dir():
+        return "folder does not exist"
+    entries = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
+    if not entries:
+        return None
+    if all((folder / split).is_dir() and any(p.is_dir() for p in (folder / split).iterdir()) for split in IMAGE_SPLITS):
+        return f"holds image folders: convert them with src/convert.py input={folder} output=NEW_FOLDER"
+    return f"holds other files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
 
 
 def fetch(url: str, target: Path, md5: str, timeout: float = 60.0) -> None:

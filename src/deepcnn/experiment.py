@@ -22,11 +22,13 @@ from deepcnn import checkpoints, cli, cluster, reports, settings, sweeps
 from deepcnn.allocator import keep_freed_memory
 from deepcnn.budget import apply_budget
 from deepcnn.callbacks import DivergenceStop, GracefulStop, LogLines, StepProgressBar, StopRequested, TrainTimer
-from deepcnn.checkpoints import AtomicCheckpointIO
+from deepcnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
 from deepcnn.errors import CheckpointError, Interrupted, SettingsError, UserError
 from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
+from deepcnn.pruning import Pruned
 from deepcnn.summary import read_results, stop_sweep
+from deepcnn.sweeps import BASIC_SWEEPER
 from deepcnn.sync_batchnorm import BatchNormSync
 
 log = logging.getLogger("deepcnn")
@@ -67,6 +69,16 @@ def build_trainer(trainer_cfg: DictConfig, run_dir: Path, callbacks: list, logge
         # Lightning's own word on a setting it cannot use (an unknown accelerator, too many devices, ...).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
             raise SettingsError(f"trainer: {' '.join(str(err.__cause__).split())}") from None
+        raise
+
+
+def build_datamodule(data_cfg: DictConfig, **given):
+    try:
+        return instantiate(data_cfg, **given)
+    except InstantiationException as err:
+        # The data module's own word on a setting (an unknown distortion, an empty data_dir), not Hydra's wrapping.
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
         raise
 
 
@@ -127,7 +139,7 @@ def refuse_reused_run_dir(run_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict:
     """One training run: settings checked, data opened, the network trained, evaluated and reported.
     Returns the run's results (also written to results.json)."""
-    settings.check(cfg)
+    settings.check(cfg, task_overrides())
     chosen = apply_budget(cfg, task_overrides())
     if chosen:
         settings.check(cfg)
@@ -143,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
     else:
         refuse_reused_run_dir(run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
     module = build_module(cfg, datamodule.classes)
@@ -151,7 +163,7 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path:
         checkpoints.check_resumable(ckpt_path, module.hparams, datamodule, cfg.trainer.max_steps)
     elif cfg.init_from:
-        checkpoints.load_weights(module, checkpoints.deepcnn_checkpoint(cfg.init_from), cfg.init_from)
+        checkpoints.init_weights(module, cfg.init_from)
     elif hasattr(module.model, "init_whitening"):
         # Layers fitted to the data rather than learned: fitted once, here, before training.
         module.model.init_whitening(datamodule.whitening_sample())
@@ -170,13 +182,18 @@ def train(cfg: DictConfig) -> dict:
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.save_checkpoint(last, weights_only=False)
         except StopRequested as stopped:
             raise Interrupted(f"stopped at step {stopped.step}; resume with {resume_command(last)}",
                               stopped.signum) from None
-        trainer.save_checkpoint(last, weights_only=False)
+        except CheckpointWriteError as err:
+            kept = (f"the previous checkpoint is kept: once there is room, resume with {resume_command(last)}"
+                    if last.is_file() else "no checkpoint had been written yet")
+            raise CheckpointWriteError(f"{err}; {kept}") from None
         summary = evaluate_trained(trainer, module, datamodule)
-        summary.update(steps=trainer.global_step, train_seconds=round(timer.seconds, 3),
-                       images_per_second=timer.images_per_second, checkpoint=str(last.resolve()))
+        summary.update(parameters=sum(p.numel() for p in module.model.parameters()), steps=trainer.global_step,
+                       train_seconds=round(timer.seconds, 3), images_per_second=timer.images_per_second,
+                       checkpoint=str(last.resolve()))
         if trainer.is_global_zero:
             write_reports(module, summary, run_dir, trainer.loggers)
     finally:
@@ -194,7 +211,11 @@ def evaluate_trained(trainer: pl.Trainer, module: Classifier, datamodule) -> dic
     a validation at the last step has already made."""
     curve, step = module.history["accuracy"], trainer.global_step
     has_validation = module.validation_label == "val"
-    measured_at_end = bool(curve) and curve[-1][0] == step
+    # Training stopped before max_steps may have changed the weights after its last validation (lookahead's
+    # final swap to the average): they are measured again, and that point of the curve replaced.
+    measured_at_end = bool(curve) and curve[-1][0] == step and step >= trainer.max_steps
+    if curve and curve[-1][0] == step and not measured_at_end:
+        curve.pop()
     if has_validation and not measured_at_end:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         curve.append((step, float(trainer.callback_metrics["val/accuracy"])))
@@ -241,13 +262,21 @@ def write_reports(module: Classifier, summary: dict, run_dir: Path, loggers: lis
     log.info(f"{summary['images_per_second']} training images/s; run directory: {run_dir}")
 
 
+def write_failed_results(run_dir: Path, reason: str) -> None:
+    """results.json of a run of a sweep that failed: its reason, and no measurements."""
+    reports.write_json(run_dir / "results.json", {
+        "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
+        "steps": None, "train_seconds": None, "images_per_second": None})
+
+
 def train_job(cfg: DictConfig) -> float:
     """train.py's task: the run's objective, validation accuracy (test accuracy without a split).
 
     In a sweep, a run that fails is recorded as failed, with its reason, in its results.json, and the
     sweep goes on. Hydra's basic sweeper would stop the sweep on an exception, so there the run returns
     NaN; a sweeper that chooses the next values (Optuna) is told of the failure by a RunFailed, which
-    it records and counts against its max_failure_rate. Alone, the error reaches the command line.
+    it records and counts against its max_failure_rate. A trial its study's pruner stops is recorded as
+    pruned, with the accuracy it reached. Alone, the error reaches the command line.
 
     A run of a sweep carries on in its folder (the sweep's command run again finishes it, see
     deepcnn.sweeps): a done run is kept and its result returned, a run with a last.ckpt resumes from it,
@@ -282,13 +311,18 @@ def train_job(cfg: DictConfig) -> float:
         if not sweeps.in_sweep_process(hydra_cfg):
             raise
         stop_sweep(sweep_dir, err.signum, f"stopped in run {hydra_cfg.job.num} ({run_dir})")
+    except Pruned as pruned:
+        # The sweeper tells the study the trial was pruned; the summary shows the accuracy it reached.
+        log.info(f"run {pruned}")
+        reports.write_json(run_dir / "results.json", {
+            "status": "pruned", "reason": str(pruned), "objective": None, "val_accuracy": pruned.accuracy,
+            "test_accuracy": None, "steps": pruned.step, "train_seconds": None, "images_per_second": None})
+        raise
     except Exception as err:
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
-        reports.write_json(run_dir / "results.json", {
-            "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
-            "steps": None, "train_seconds": None, "images_per_second": None})
-        if hydra_cfg.sweeper["_target_"] != sweeps.BASIC_SWEEPER:
+        write_failed_results(run_dir, reason)
+        if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
             raise RunFailed(reason) from err
         return float("nan")
     if sweeps.received:
@@ -302,9 +336,11 @@ def _objective(results: dict) -> float:
 
 def test_checkpoint(cfg: DictConfig) -> dict:
     """Overall and per-class accuracy of a checkpoint on the whole test set."""
+    settings.check_value("trainer.precision", cfg.trainer.precision, *settings.RULES["trainer.precision"])
     keep_freed_memory()
     module = checkpoints.load_classifier(cfg.ckpt_path)
-    datamodule = instantiate(cfg.data, crop_size=module.hparams.input_size)
+    # Only the test set is read: no training records are held out (data.val_size would refuse a small dataset).
+    datamodule = build_datamodule(cfg.data, crop_size=module.hparams.input_size, val_size=0)
     datamodule.prepare_data()
     datamodule.setup()
     if datamodule.classes != module.hparams.classes:

@@ -1,4 +1,5 @@
-"""The networks: the recipe's LRN CNN and the deeper VGG-style stacks the recipe points to."""
+"""The networks: the recipe's LRN CNN, the deeper VGG-style stacks the recipe points to, and the fast network.
+Residual networks are in resnets.py."""
 from __future__ import annotations
 
 import math
@@ -90,83 +91,6 @@ def same_max_pool(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.max_pool2d(x, 3, 2, padding=side % 2, ceil_mode=True)
 
 
-# Output maps of at most this many positions take their weight gradient from `PatchGradConv`: oneDNN's bf16
-# weight gradient is slow on small maps (one process on 2 Intel Xeon cores with AMX, batch 1,024, 256 -> 256
-# channels: 47 ms at 3x3 against 12 by unfolded patches, 63 against 43 at 5x5, about even at 7x7, slower beyond).
-SMALL_MAP = 25
-
-
-class PatchGradConv(torch.autograd.Function):
-    """A stride-1 convolution whose weight gradient is one matrix product, the output gradient against the
-    input's unfolded patches, instead of oneDNN's weight-gradient kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.has_bias = padding, bias is not None
-        return F.conv2d(x, weight, bias, padding=padding)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        (pad_h, pad_w), (k_h, k_w) = ctx.padding, weight.shape[2:]
-        # With the real input, not the shape alone as torch.nn.grad.conv2d_input passes: oneDNN then keeps its
-        # channels-last layout.
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(ctx.padding), [1, 1],
-                                                         False, [0, 0], 1, [True, False, False])[0]
-        # Rows: output positions; columns: the (kh, kw, channel) patch, channels innermost so that the
-        # unfolding copies whole channel runs of the channels-last input.
-        patches = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).permute(0, 2, 3, 1).unfold(1, k_h, 1).unfold(2, k_w, 1)
-        patches = patches.permute(0, 1, 2, 4, 5, 3).reshape(-1, k_h * k_w * x.shape[1])
-        rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
-        grad_weight = (rows.t() @ patches).view(-1, k_h, k_w, x.shape[1]).permute(0, 3, 1, 2)
-        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None
-
-
-class MatrixConv2d(nn.Conv2d):
-    """A convolution whose weight is stored as an out_channels x (in_channels * kh * kw) matrix and viewed
-    as a filter bank in the forward pass: optimizers that take only matrices (torch.optim.Muon) can train
-    it, and exported graphs see an ordinary convolution."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weight = nn.Parameter(self.weight.detach().reshape(self.out_channels, -1))
-
-    def filters(self) -> torch.Tensor:
-        """The weight as out_channels x in_channels x kh x kw (a view: writing to it writes the weight)."""
-        return self.weight.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        filters, bias = self.filters(), self.bias
-        if not self.patch_gradient(x):
-            return self._conv_forward(x, filters, bias)
-        if torch.is_autocast_enabled("cpu"):
-            # The casts autocast would make inside F.conv2d, made here so that the backward pass sees those tensors.
-            dtype = torch.get_autocast_dtype("cpu")
-            x, filters, bias = x.to(dtype), filters.to(dtype), None if bias is None else bias.to(dtype)
-        return PatchGradConv.apply(x, filters, bias, self.padding)
-
-    def patch_gradient(self, x: torch.Tensor) -> bool:
-        """Whether this pass takes `PatchGradConv`: training on a CPU, a plain convolution, a small output map."""
-        if not (self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)):
-            return False
-        sizes = zip(x.shape[-2:], self.padding, self.kernel_size)
-        positions = math.prod(size + 2 * pad - k + 1 for size, pad, k in sizes)
-        return (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
-                and 0 < positions <= SMALL_MAP)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before weights were matrices hold 4-D filter banks.
-        key = prefix + "weight"
-        if key in state_dict and state_dict[key].dim() == 4:
-            state_dict[key] = state_dict[key].reshape(self.out_channels, -1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
 def truncated_normal_init(module: nn.Module, std: float = 0.05) -> None:
     for layer in module.modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -180,8 +104,8 @@ class RecipeCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, input_size: int = 24, channels: int = 64, hidden=(384, 192)):
         super().__init__()
-        self.conv1 = MatrixConv2d(3, channels, 5, padding=2)
-        self.conv2 = MatrixConv2d(channels, channels, 5, padding=2)
+        self.conv1 = nn.Conv2d(3, channels, 5, padding=2)
+        self.conv2 = nn.Conv2d(channels, channels, 5, padding=2)
         self.norm = LocalResponseNorm()
         self.pool_sides = (input_size, math.ceil(input_size / 2))
         side = math.ceil(self.pool_sides[1] / 2)
@@ -210,7 +134,7 @@ class DeepCNN(nn.Module):
         channels = 3
         for width in widths:
             for _ in range(convs_per_block):
-                layers += [MatrixConv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
                 channels = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -218,6 +142,12 @@ class DeepCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.amax(self.features(x), dim=(2, 3)))
+
+
+def whitening_width(channels: int = 3, size: int = 2) -> int:
+    """How many filters `whitening_filters` gives: an eigenvector of the channels x size x size patch
+    covariance each, and its negative."""
+    return 2 * channels * size * size
 
 
 def whitening_filters(images: torch.Tensor, size: int = 2, eps: float = 5e-4) -> torch.Tensor:
@@ -243,13 +173,13 @@ class ConvGroup(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
         super().__init__()
-        self.conv1 = MatrixConv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm1 = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=1e-12)
-        self.conv2 = MatrixConv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = nn.BatchNorm2d(out_channels, momentum=bn_momentum, eps=1e-12)
         for conv in (self.conv1, self.conv2):
             # Identity start: the first in_channels filters pass their input through unchanged.
-            nn.init.dirac_(conv.filters().data[: conv.in_channels])
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
         for norm in (self.norm1, self.norm2):
             norm.weight.requires_grad_(False)
 
@@ -266,7 +196,7 @@ class FastCNN(nn.Module):
     and BatchNorm has fixed scales and fast-moving statistics.
     """
 
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24,
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = whitening_width(),
                  bn_momentum: float = 0.4, head_scale: float = 1 / 9):
         super().__init__()
         self.whiten = nn.Conv2d(3, whiten_width, 2)

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from deepcnn import augment, optim
+from deepcnn.patch_gradients import use_patch_gradients
 
 
 def build_model(config: dict, num_classes: int, input_size: int) -> torch.nn.Module:
@@ -19,6 +20,15 @@ def build_model(config: dict, num_classes: int, input_size: int) -> torch.nn.Mod
     takes = inspect.signature(hydra.utils.get_object(config["_target_"])).parameters
     sizes = {"input_size": input_size} if "input_size" in takes else {}
     return instantiate(config, num_classes=num_classes, **sizes)
+
+
+def filters_from_matrices(module: torch.nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints from when deepcnn stored convolution filters as out x (in * kh * kw) matrices load into
+    filter banks."""
+    for name, param in module.named_parameters():
+        saved = state_dict.get(prefix + name)
+        if saved is not None and saved.ndim == 2 and param.ndim == 4 and saved.numel() == param.numel():
+            state_dict[prefix + name] = saved.reshape(param.shape)
 
 
 def accuracies(confusion: torch.Tensor, classes: list[str]) -> tuple[float, dict[str, float | None]]:
@@ -48,8 +58,9 @@ class Classifier(pl.LightningModule):
         super().__init__()
         # Loggers get the run's own overrides and final accuracies at the end, not these nested settings.
         self.save_hyperparameters(logger=False)
-        self.model = build_model(model, len(classes), input_size)
+        self.model = use_patch_gradients(build_model(model, len(classes), input_size))
         self.model.to(memory_format=torch.channels_last)
+        self.register_load_state_dict_pre_hook(filters_from_matrices)
         self.loss = instantiate(loss)
         self.val_confusion = MulticlassConfusionMatrix(len(classes))
         self.test_confusion = MulticlassConfusionMatrix(len(classes))

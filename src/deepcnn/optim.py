@@ -13,6 +13,7 @@ The first rule that selects a parameter decides its group; the rest keep the opt
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
@@ -102,15 +103,50 @@ class Combined(torch.optim.Optimizer):
         self._share()
 
 
+def as_matrices(param: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`param` and tensors laid out as it is (its gradient, its momentum) as out_channels x rest views, the
+    columns in the order of `param`'s memory (channels innermost for a channels-last filter bank). Which order
+    does not matter: the orthogonalized update of a matrix with permuted columns is the update with its
+    columns permuted alike. A tensor laid out otherwise cannot be viewed so and raises."""
+    if param.ndim == 2:
+        return (param, *others)
+    order = [0, *sorted(range(1, param.ndim), key=lambda d: -param.stride(d))]
+    return tuple(t.permute(order).view(t.shape[0], -1) for t in (param, *others))
+
+
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon that can first rescale each matrix to Frobenius norm sqrt(rows) (every row of unit
-    norm on average), as the record-holding airbench94_muon does. For weights followed by BatchNorm the
-    scale changes nothing in the output, but it fixes the size of each update relative to the weight,
-    which would otherwise shrink as the weights grow."""
+    """torch.optim.Muon for matrices and for convolution filters, whose updates are orthogonalized as
+    out_channels x (in_channels * kh * kw) matrices, as airbench94_muon does.
+
+    It can also first rescale each weight to Frobenius norm sqrt(out_channels) (every row of unit norm on
+    average), as airbench94_muon does. For weights followed by BatchNorm the scale changes nothing in the
+    output, but it fixes the size of each update relative to the weight, which would otherwise shrink as
+    the weights grow."""
 
     def __init__(self, params, *args, normalize_weights: bool = False, **kwargs):
-        super().__init__(params, *args, **kwargs)
+        groups = list(params)
+        groups = groups if not groups or isinstance(groups[0], dict) else [{"params": groups}]
+        # torch.optim.Muon refuses anything but a matrix in its constructor: it is built on a stand-in matrix and
+        # given the real groups after, checked here instead.
+        super().__init__([torch.zeros(1, 1)], *args, **kwargs)
+        self.param_groups, self.state = [], defaultdict(dict)
+        for group in groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon takes matrices and filter banks; got a parameter of shape {tuple(p.shape)}")
+            self.add_param_group(group)
         self.normalize_weights = normalize_weights
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
+        for p in group["params"]:
+            buffer = self.state[p].get("momentum_buffer")
+            if buffer is not None and buffer.shape != p.shape:
+                # Checkpoints from when deepcnn stored filters as out x (in * kh * kw) matrices.
+                self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffer.reshape(p.shape))
+        has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        for i, tensors in enumerate(zip(params_with_grad, grads, muon_momentum_bufs)):
+            params_with_grad[i], grads[i], muon_momentum_bufs[i] = as_matrices(*tensors)
+        return has_complex
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -125,14 +161,14 @@ class Muon(torch.optim.Muon):
 def muon(params: Iterable[dict], rest: Callable[[list[dict]], torch.optim.Optimizer], lr: float = 0.02,
          momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
          adjust_lr_fn: str | None = None, normalize_weights: bool = False) -> Combined:
-    """Muon (above) for the 2-D weights (linear layers, and convolutions, whose weights deepcnn keeps as
-    out_channels x (in_channels * kh * kw) matrices), `rest` (a partial optimizer) for every other parameter
-    and for those a rule with `rest: true` selects."""
+    """Muon (above) for the weights of linear layers and the filters of convolutions (every parameter of two
+    or more dimensions), `rest` (a partial optimizer) for every other parameter and for those a rule with
+    `rest: true` selects."""
     for_muon, to_rest = [], []
     for group in params:
         (to_rest if group.pop("rest", False) else for_muon).append(group)
-    matrices = [{**g, "params": [p for p in g["params"] if p.ndim == 2]} for g in for_muon]
-    others = [{**g, "params": [p for p in g["params"] if p.ndim != 2]} for g in for_muon] + to_rest
+    matrices = [{**g, "params": [p for p in g["params"] if p.ndim >= 2]} for g in for_muon]
+    others = [{**g, "params": [p for p in g["params"] if p.ndim < 2]} for g in for_muon] + to_rest
     parts = [Muon([g for g in matrices if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
                   weight_decay=weight_decay, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                   normalize_weights=normalize_weights)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from deepcnn.errors import ImageError, print_error
-from deepcnn.files import refuse_output_over_inputs, replaced_on_success
+from deepcnn.files import OutputError, refuse_output_over_inputs, replaced_on_success
 from deepcnn.images import files_under, read_image
 from deepcnn.checkpoints import load_classifier
 from deepcnn.module import Classifier
@@ -61,6 +62,18 @@ def write_predictions(module: Classifier, files: list[Path], out: TextIO) -> int
     return failed
 
 
+def write_to_stdout(module: Classifier, files: list[Path]) -> int:
+    """write_predictions to stdout; stdout that cannot take them (a full device) is one line, not a traceback."""
+    try:
+        failed = write_predictions(module, files, sys.stdout)
+        sys.stdout.flush()
+    except OSError as err:
+        # What is left in stdout's buffer would fail again as Python exits, with a traceback of its own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputError(f"stdout: cannot be written ({err.strerror or err})") from None
+    return failed
+
+
 def predict(ckpt_path: str | Path, source: str | Path, output: str | Path | None = None) -> None:
     """Classify every image file at source into a CSV: the file output, or stdout when it is None.
 
@@ -73,7 +86,7 @@ def predict(ckpt_path: str | Path, source: str | Path, output: str | Path | None
     module = load_classifier(ckpt_path)
     files = input_files(Path(source))
     if output is None:
-        failed = write_predictions(module, files, sys.stdout)
+        failed = write_to_stdout(module, files)
     else:
         with replaced_on_success(output) as partial, open(partial, "w", newline="") as out:
             failed = write_predictions(module, files, out)

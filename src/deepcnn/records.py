@@ -19,6 +19,7 @@ CHANNELS, HEIGHT, WIDTH = 3, 32, 32
 PIXELS = CHANNELS * HEIGHT * WIDTH
 LABEL_CHECK_CHUNK = 4096
 MAX_CLASSES = 256  # what one label byte can tell apart
+MIN_CLASSES = 2  # fewer leaves nothing to classify (and accuracy metrics undefined)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ def read_class_names(path: Path) -> list[str]:
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path}: class-name file names no classes")
+    if len(names) < MIN_CLASSES:
+        raise DataError(f"{path}: class-name file names {len(names)} class ({names[0]}); a classifier needs at least "
+                        f"{MIN_CLASSES}")
     if len(set(names)) != len(names):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         raise DataError(f"{path}: class-name file repeats {', '.join(duplicates)}")

@@ -6,11 +6,18 @@ import inspect
 from typing import Any, Callable
 
 import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deepcnn.errors import SettingsError
+from deepcnn.models import whitening_width
+from deepcnn.module import build_model
 
 ABSENT = object()
+# Lightning's names for float64 training.
+DOUBLE_PRECISION = {"64", "64-true", "double"}
 
 
 def is_int(value) -> bool:
@@ -51,6 +58,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.log_every_n_steps": integer(1),
     # The lookahead averaging, the progress lines and the data stream all count optimizer steps.
     "trainer.accumulate_grad_batches": (lambda v: v == 1, "1 (deepcnn counts optimizer steps)"),
+    "trainer.precision": (lambda v: str(v) not in DOUBLE_PRECISION, "auto, 32-true, bf16-mixed or 16-mixed (deepcnn's "
+                          "data and layers are float32: it does not train in 64 bits)"),
     "seed": integer(0),
     "budget_s": (lambda v: v is None or (is_number(v) and v > 0), "null or a number of seconds > 0"),
     "tta": integer(0, 2),
@@ -75,7 +84,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.hidden": POSITIVE_INTEGERS,
     "model.channels": integer(1),
     "model.convs_per_block": integer(1),
-    "model.whiten_width": integer(1),
+    # The fast network's whitening keeps every filter a 2x2 patch of RGB gives: fewer would drop some silently,
+    # more cannot be filled.
+    "model.whiten_width": (lambda v: v == whitening_width(), f"{whitening_width()}, the filters the fast network's "
+                           "2x2 whitening of 3 channels gives"),
     "optimizer.lr": number(0, low_open=True),
     "optimizer.momentum": number(0, 1, high_open=True),
     "optimizer.weight_decay": number(0),
@@ -117,7 +129,36 @@ def check_keys(path: str, node: DictConfig, extra: set[str] = frozenset()) -> No
             check_keys(f"{path}.{key}", child)
 
 
-def check(cfg: DictConfig) -> None:
+def check_network(cfg: DictConfig) -> None:
+    """A network refuses its own bad settings when it is built: built here on the meta device (no memory, no
+    data), so that they stop the run before any work. Ten classes stand in for the dataset's, not read yet."""
+    try:
+        with torch.device("meta"):
+            build_model(OmegaConf.to_container(cfg.model, resolve=True), 10, cfg.data.crop_size)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, SettingsError):
+            raise err.__cause__ from None
+    except Exception:  # noqa: BLE001 - other failures are the real build's to report, with the run's context
+        pass
+
+
+def check_added_keys(overrides: list[str], groups) -> None:
+    """Hydra adds a key given with "+" wherever it is asked to; at the top level nothing would read it (keys
+    in a group are checked against what the group's target takes, and "+group=option" chooses an option)."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.startswith("+") and not key.startswith("++") and "." not in key and key[1:] not in groups:
+            raise SettingsError(f"{key[1:]}: unknown setting (added by {override}); nothing reads it. The settings "
+                                "are listed by: python src/train.py --cfg job")
+
+
+def check(cfg: DictConfig, overrides: list[str] = ()) -> None:
+    """`overrides`: the command line's, whose added keys are checked too."""
+    if overrides:
+        check_added_keys(overrides, HydraConfig.get().runtime.choices)
+    if cfg.get("init_from") and cfg.get("ckpt_path") not in (None, "auto"):
+        raise SettingsError(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path}: choose one; ckpt_path resumes "
+                            "a run where it stopped, init_from starts a new run from a checkpoint's weights")
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is not ABSENT:
@@ -129,3 +170,11 @@ def check(cfg: DictConfig) -> None:
     for group, extra in (("model", set()), ("optimizer", {"param_groups"}), ("scheduler", set()), ("loss", set()),
                          ("data", set())):
         check_keys(group, cfg[group], extra)
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is None:
+            continue
+        if not (isinstance(callback, DictConfig) and "_target_" in callback):
+            raise SettingsError(f"callbacks.{name}: not a chosen callback (it has no _target_); choose callbacks "
+                                f"with callbacks=[default,{name}] when conf/callbacks/{name}.yaml exists")
+        check_keys(f"callbacks.{name}", callback)
+    check_network(cfg)

@@ -2,9 +2,9 @@
 
 A sweep directory holds one subdirectory per run, each with `.hydra/overrides.yaml` and, once the
 run has ended, `results.json`. Runs are sorted by the metric the sweep maximises, best first;
-failed and interrupted runs come last, with those of the sweep's command (its multirun.yaml) that never
-started. When `seed` is swept, summary_by_seed.csv (and a second
-table in summary.md) gives each setting's mean and sample standard deviation over its seeds.
+failed, pruned (a search's trials its pruner stopped) and interrupted runs come last, with those of the
+sweep's command (its multirun.yaml) that never started. When `seed` is swept, summary_by_seed.csv (and a
+second table in summary.md) gives each setting's mean and sample standard deviation over its seeds.
 """
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 RESULTS = "results.json"
-STATUSES = ("done", "failed", "interrupted")
+STATUSES = ("done", "failed", "pruned", "interrupted")
 NOT_STARTED = "not started"
 OBJECTIVES = ("val_accuracy", "test_accuracy")
-NUMBERS = ("val_accuracy", "test_accuracy", "steps", "train_seconds", "images_per_second")
+NUMBERS = ("val_accuracy", "test_accuracy", "parameters", "steps", "train_seconds", "images_per_second")
+# Results written before deepcnn recorded these.
+OPTIONAL = ("parameters",)
 NOT_FINISHED = f"no {RESULTS} (stopped or still running)"
 SEED = "seed"
 LABELS = {"val_accuracy": "val accuracy", "test_accuracy": "test accuracy"}
@@ -57,6 +59,7 @@ class Run:
     objective: str | None = None
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    parameters: int | None = None
     steps: int | None = None
     train_seconds: float | None = None
     images_per_second: float | None = None
@@ -119,7 +122,7 @@ def read_results(path: Path) -> dict:
         raise SweepError(f"{path}: cannot be read as JSON ({err})") from None
     if not isinstance(results, dict):
         raise SweepError(f"{path}: should hold a JSON object")
-    missing = [key for key in ("status", "reason", "objective", *NUMBERS) if key not in results]
+    missing = [key for key in ("status", "reason", "objective", *NUMBERS) if key not in results and key not in OPTIONAL]
     if missing:
         raise SweepError(f"{path}: has no {', '.join(missing)} (written by an older deepcnn?)")
     if results["status"] not in STATUSES:
@@ -128,7 +131,7 @@ def read_results(path: Path) -> dict:
     if results["objective"] not in OBJECTIVES and not (results["objective"] is None and results["status"] != "done"):
         raise SweepError(f"{path}: objective is {results['objective']!r}, expected one of {', '.join(OBJECTIVES)}")
     for key in NUMBERS:
-        value = results[key]
+        value = results.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SweepError(f"{path}: {key} is {value!r}, expected a number or null")
     return results
@@ -140,7 +143,7 @@ def read_run(folder: Path) -> Run:
         return Run(folder.name, overrides, "interrupted", NOT_FINISHED)
     results = read_results(folder / RESULTS)
     return Run(folder.name, overrides, results["status"], results["reason"], results["objective"],
-               **{key: results[key] for key in NUMBERS})
+               **{key: results.get(key) for key in NUMBERS})
 
 
 def best_first(value: float | None) -> tuple:
@@ -229,10 +232,11 @@ def markdown(sweep: Sweep) -> str:
     lines = [f"# Sweep {sweep.folder}", "",
              f"{len(sweep.runs)} runs: {counts}. Sorted by {LABELS[sweep.objective]}, best first.", ""]
     lines += markdown_table(
-        ["run", *sweep.keys, "val accuracy (%)", "test accuracy (%)", "steps", "training s", "images/s", "status",
-         "reason"],
+        ["run", *sweep.keys, "val accuracy (%)", "test accuracy (%)", "parameters", "steps", "training s", "images/s",
+         "status", "reason"],
         [[run.name, *(run.overrides.get(key, "") for key in sweep.keys), percent(run.val_accuracy),
-          percent(run.test_accuracy), "" if run.steps is None else f"{run.steps:,}",
+          percent(run.test_accuracy), "" if run.parameters is None else f"{run.parameters:,}",
+          "" if run.steps is None else f"{run.steps:,}",
           "" if run.train_seconds is None else f"{run.train_seconds:.1f}",
           "" if run.images_per_second is None else f"{run.images_per_second:,.0f}", run.status, run.reason or ""]
          for run in sweep.runs])
