@@ -39,27 +39,26 @@ def unique_dir(path: str) -> str:
     if not HydraConfig.initialized():
         return path
     if path not in _claimed:
-        try:
-            _claimed[path] = claim_dir(path)
-        except OSError as err:
-            raise UserError(f"{Path(path).parent.absolute()}: the run's folder cannot be created there "
-                            f"({err.strerror}); run from a folder you can write to, or name one with "
-                            "hydra.run.dir=FOLDER") from None
+        _claimed[path] = claim_dir(path)
     return _claimed[path]
 
 
-def claim_dir(path: str) -> str:
+def claim_dir(path: str, setting: str = "hydra.run.dir") -> str:
     """`path`, or `path_1`, `path_2`, ... when it is taken, created now: made in one step, so that of two processes
-    asking at once each gets its own."""
+    asking at once each gets its own. `setting` names the folder's setting, for a folder that cannot be made."""
     base, suffix = Path(path), 0
-    base.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
-        try:
-            candidate.mkdir()
-            return str(candidate)
-        except FileExistsError:
-            suffix += 1
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = base if suffix == 0 else base.with_name(f"{base.name}_{suffix}")
+            try:
+                candidate.mkdir()
+                return str(candidate)
+            except FileExistsError:
+                suffix += 1
+    except OSError as err:
+        raise UserError(f"{base.parent.absolute()}: the run's folder cannot be created there ({err.strerror}); run "
+                        f"from a folder you can write to, or name one with {setting}=FOLDER") from None
 
 
 def remove_if_unused(folder: str | Path) -> bool:

@@ -28,6 +28,7 @@ from deepcnn.module import Classifier
 from deepcnn.precision import detect_precision
 from deepcnn.pruning import Pruned
 from deepcnn.summary import read_results, stop_sweep
+from deepcnn.sweeps import BASIC_SWEEPER
 from deepcnn.sync_batchnorm import BatchNormSync
 
 log = logging.getLogger("deepcnn")
@@ -321,7 +322,7 @@ def train_job(cfg: DictConfig) -> float:
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
         write_failed_results(run_dir, reason)
-        if hydra_cfg.sweeper["_target_"] != sweeps.BASIC_SWEEPER:
+        if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
             raise RunFailed(reason) from err
         return float("nan")
     if sweeps.received:

@@ -111,7 +111,7 @@ def claim_sweep_dir(config: DictConfig) -> None:
     given = [o for o in config.hydra.overrides.hydra if cli.override_key(o) == "hydra.sweep.dir"]
     if given:
         return
-    claimed = cli.claim_dir(str(config.hydra.sweep.dir))
+    claimed = cli.claim_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.sweep.dir = claimed
         # Each run's config is composed again from these overrides (by the launcher, perhaps elsewhere).
