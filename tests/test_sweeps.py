@@ -43,6 +43,11 @@ class SignalAfterRun(Callback):
 '''
 
 
+def with_path(folder) -> str:
+    """PYTHONPATH with `folder` in front, so that train.py imports the test's own callbacks from it."""
+    return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+
+
 @pytest.fixture
 def helpers(tmp_path):
     folder = tmp_path / "helpers"
@@ -74,7 +79,7 @@ def test_the_same_command_finishes_a_stopped_sweep(tiny_data, helpers, tmp_path)
     sweep_dir = tmp_path / "sweep"
     command = ["-m", "optimizer.lr=0.05,0.1,0.2,0.3", f"data.data_dir={tiny_data}", *TINY,
                "+callbacks.fail._target_=sweep_helpers.FailAt", f"hydra.sweep.dir={sweep_dir}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{helpers}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": with_path(helpers)}
     # Run 0 finishes, run 1 fails at step 6, run 2 is stopped by SIGTERM after a few steps, run 3 never starts.
     process = subprocess.Popen([sys.executable, str(ROOT / "src" / "train.py"), *command], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "FAIL_LR": "0.1"})
@@ -177,7 +182,7 @@ def test_a_signal_between_runs_stops_the_sweep_before_the_next(signum, tiny_data
     command = ["-m", "optimizer.lr=0.05,0.1", f"data.data_dir={tiny_data}", *TINY, "trainer.max_steps=2",
                "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep_dir}"]
     result = run_cli("train.py", *command, "+hydra.callbacks.signal._target_=sweep_helpers.SignalAfterRun",
-                     cwd=tmp_path, env={"PYTHONPATH": f"{helpers}{os.pathsep}{os.environ['PYTHONPATH']}",
+                     cwd=tmp_path, env={"PYTHONPATH": with_path(helpers),
                                         "SIGNAL_AFTER_RUN": str(int(signum))})
     assert result.returncode == 128 + signum, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -209,7 +214,7 @@ def test_the_same_command_finishes_a_sweep_under_joblib(tiny_data, helpers, tmp_
     sweep_dir = tmp_path / "sweep"
     command = ["-m", "optimizer.lr=0.05,0.1", f"data.data_dir={tiny_data}", *TINY, "hydra/launcher=joblib",
                "+callbacks.fail._target_=sweep_helpers.FailAt", f"hydra.sweep.dir={sweep_dir}"]
-    path = f"{helpers}{os.pathsep}{os.environ['PYTHONPATH']}"
+    path = with_path(helpers)
     first = run_cli("train.py", *command, cwd=tmp_path, env={"PYTHONPATH": path, "FAIL_LR": "0.1"})
     assert first.returncode == 0, first.stderr[-3000:]
     assert {run: row["status"] for run, row in summary_rows(sweep_dir).items()} == {"0": "done", "1": "failed"}

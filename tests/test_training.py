@@ -23,7 +23,10 @@ def test_short_real_run_learns(shared_data, tmp_path):
     assert summary["steps"] == 300
     assert summary["test_accuracy"] >= 0.35, summary
     assert set(summary) == {"status", "reason", "objective", "val_accuracy", "test_accuracy", "per_class_accuracy",
-                            "steps", "train_seconds", "images_per_second", "checkpoint"}
+                            "parameters", "steps", "train_seconds", "images_per_second", "checkpoint"}
+    # The recipe's network at 24x24 crops: two 5x5 convolutions to 64 channels, FC 6*6*64 -> 384 -> 192 -> 10.
+    assert summary["parameters"] == (5 * 5 * 3 + 1) * 64 + (5 * 5 * 64 + 1) * 64 + (6 * 6 * 64 + 1) * 384 \
+        + (384 + 1) * 192 + (192 + 1) * 10
     assert summary["status"] == "done" and summary["objective"] == "val_accuracy" and summary["val_accuracy"] >= 0.3
     assert len(summary["per_class_accuracy"]) == 10
     assert summary["images_per_second"] > 0

@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from deepcnn.errors import CheckpointError
@@ -276,9 +278,14 @@ def refuse_final(run_dir: Path, ckpt_path: str | Path, max_steps: int) -> None:
 
 
 def command_line_value(argv: list[str], key: str) -> str | None:
-    """The value an override on the command line gives `key` (the last one wins, as in Hydra); None if none."""
-    values = [arg.split("=", 1)[1] for arg in argv if "=" in arg and arg.split("=", 1)[0].lstrip("+") == key]
-    return values[-1] if values else None
+    """The value an override on the command line gives `key` (the last one wins, as in Hydra), as Hydra reads it
+    (Lightning's launcher quotes the run folder it gives its other processes); None if none."""
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a])
+    except HydraException:
+        return None  # Hydra reports the malformed override in its own words, once it starts
+    values = [o.value() for o in overrides if o.key_or_group == key]
+    return None if not values or values[-1] is None else str(values[-1])
 
 
 def resume_arguments(argv: list[str]) -> list[str]:
