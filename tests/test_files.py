@@ -70,8 +70,16 @@ def test_a_full_device_is_one_line_and_stays_a_device(small_checkpoint, tmp_path
     assert result.stderr.strip().splitlines()[-1] == ("deepcnn: error: /dev/full: cannot be written (No space left on "
                                                       "device)")
     assert "Traceback" not in result.stderr
-    assert "wrote" not in result.stdout
+    assert "wrote" not in result.stdout + result.stderr
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_a_model_exported_to_stdout_is_all_that_stdout_holds(small_checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "src" / "export.py"), f"ckpt_path={small_checkpoint}",
+                             "output=/dev/stdout", f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert onnx.load_from_string(result.stdout).graph.input[0].name == "images"
+    assert b"wrote /dev/stdout" in result.stderr
 
 
 def test_predictions_to_stdout_by_name_or_to_a_full_stdout(small_checkpoint, tmp_path):
