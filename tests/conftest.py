@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from omegaconf import OmegaConf
 
@@ -53,6 +54,18 @@ def make_classifier(classes=("cat", "dog", "ship"), model: dict | None = None, i
     parts = {"optimizer": group_config("optimizer", "sgd"), "scheduler": group_config("scheduler", "exponential"),
              "loss": group_config("loss", "cross_entropy"), **settings}
     return Classifier(model=model, classes=list(classes), input_size=input_size, **parts)
+
+
+def save_checkpoint(module: Classifier, path: Path) -> Path:
+    """A checkpoint of `module` holding what load_classifier reads."""
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path) -> Path:
+    """An untrained network's checkpoint."""
+    return save_checkpoint(make_classifier(["cat", "dog"]), tmp_path / "model.ckpt")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import make_classifier, run_cli
+from conftest import run_cli
 from deepcnn import augment
 from deepcnn.errors import CheckpointError
 from deepcnn.export import export_onnx
@@ -62,15 +62,6 @@ def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         export_onnx(bogus, tmp_path / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
-
-
-@pytest.fixture
-def small_checkpoint(tmp_path):
-    """An untrained network's checkpoint, holding what load_classifier reads."""
-    module = make_classifier(["cat", "dog"])
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
 
 
 @pytest.mark.parametrize("spelling", ["the same path", "another spelling of it"])

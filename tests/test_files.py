@@ -12,16 +12,8 @@ import onnx
 import pytest
 import torch
 
-from conftest import ROOT, make_classifier, run_cli
+from conftest import ROOT, run_cli
 from deepcnn.export import export_onnx
-
-
-@pytest.fixture
-def small_checkpoint(tmp_path):
-    module = make_classifier(["cat", "dog"])
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
 
 
 def in_place(path: str) -> bool:

@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import ROOT, make_classifier, run_cli
+from conftest import ROOT, make_classifier, run_cli, save_checkpoint
 from deepcnn import augment, optim, schedules
 from deepcnn.checkpoints import load_classifier
 from deepcnn.errors import SettingsError
@@ -132,8 +132,7 @@ def test_checkpoints_with_filters_stored_as_matrices_keep_loading():
 def test_each_family_exports_to_onnx_with_pytorchs_answers(model, tmp_path):
     module = make_classifier(["cat", "dog"], model=model, input_size=32)
     module.eval()
-    checkpoint = tmp_path / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)
+    checkpoint = save_checkpoint(module, tmp_path / "model.ckpt")
     export_onnx(checkpoint, tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32)).astype(np.float32)
