@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from deepcnn import augment
-from deepcnn.download import DEFAULT_CACHE, download_dataset, download_refusal
+from deepcnn.download import DEFAULT_CACHE, LOCK, MISSING_FOLDER, DownloadRefused, download_dataset, download_refusal
 from deepcnn.checkpoints import refuse_changed_settings
 from deepcnn.errors import DataError, DownloadError, SettingsError
 from deepcnn.records import CIFAR10, Dataset, find_records_dir, open_dataset, split_indices
@@ -190,13 +190,17 @@ class CifarDataModule(pl.LightningDataModule):
         if not self.download:
             problem = "no CIFAR binary batches here" if self.data_dir.is_dir() else "folder does not exist"
             raise DataError(f"{where}: {problem}, and data.download=false")
-        refusal = download_refusal(self.data_dir)
-        if refusal:
+        try:
+            refusal = download_refusal(self.data_dir)
+            # Refused here, before a lock file is left behind; a folder that has one may be another process's
+            # download in progress, and is checked again under that lock.
+            if refusal and (refusal == MISSING_FOLDER or not (self.data_dir / LOCK).exists()):
+                raise DownloadRefused(refusal)
+            download_dataset(self.url, self.md5, self.data_dir, CIFAR10.folder)
+        except DownloadRefused as refusal:
             raise DataError(f"{where}: no CIFAR binary batches ({CIFAR10.folder}/{CIFAR10.train_glob}, "
                             f"{CIFAR10.test_file}, {CIFAR10.label_names['fine'][1]}): {refusal}. data.download=true "
-                            f"downloads CIFAR-10 only into {DEFAULT_CACHE} or an empty folder")
-        try:
-            download_dataset(self.url, self.md5, self.data_dir, CIFAR10.folder)
+                            f"downloads CIFAR-10 only into {DEFAULT_CACHE} or an empty folder") from None
         except DownloadError as err:
             raise DataError(
                 f"no CIFAR binary batches in {where}, and downloading them failed: {err}. "

@@ -20,6 +20,15 @@ DEFAULT_CACHE = Path.home() / ".cache" / "deepcnn"
 IMAGE_SPLITS = ("train", "test")
 
 
+MISSING_FOLDER = "folder does not exist"
+# Processes downloading into one folder take turns on this file (see download_dataset).
+LOCK = ".download.lock"
+
+
+class DownloadRefused(DownloadError):
+    """The folder is not one to download into (see download_refusal); the message says why."""
+
+
 def download_refusal(folder: Path) -> str | None:
     """Why CIFAR-10 must not be downloaded into `folder` (which holds no records), or None. It goes into the
     default cache, or a folder that exists and is empty (hidden files aside, such as an earlier download's
@@ -27,7 +36,7 @@ def download_refusal(folder: Path) -> str | None:
     if folder.resolve() == DEFAULT_CACHE.resolve():
         return None
     if not folder.is_dir():
-        return "folder does not exist"
+        return MISSING_FOLDER
     entries = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
     if not entries:
         return None
@@ -132,7 +141,7 @@ def download_dataset(url: str, md5: str, dest: Path, member: str) -> Path:
     """
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        lock = open(dest / ".download.lock", "w")
+        lock = open(dest / LOCK, "w")
     except OSError as err:
         raise DownloadError(f"{dest}: cannot be written ({err.strerror}); the download needs a folder "
                             "it can write to") from None
@@ -141,6 +150,10 @@ def download_dataset(url: str, md5: str, dest: Path, member: str) -> Path:
         final = dest / member
         if final.is_dir():
             return final
+        # Checked under the lock: the files of a download another process is making are not "other files".
+        refusal = download_refusal(dest)
+        if refusal:
+            raise DownloadRefused(refusal)
         archive = dest / Path(url).name
         print(f"deepcnn: downloading {url} to {dest}", file=sys.stderr)
         fetch(url, archive, md5)
