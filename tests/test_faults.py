@@ -175,12 +175,18 @@ def test_missing_checkpoint_is_refused(tmp_path):
     assert str(err.value) == f"{tmp_path / 'gone.ckpt'}: checkpoint file does not exist"
 
 
-def test_train_refuses_to_resume_from_another_network(tiny_data, tmp_path):
+def start_from_a_narrower_network(setting: str, tiny_data, tmp_path):
+    """train.py for an 8-channel recipe network, `setting` (ckpt_path or init_from) a 4-channel one's checkpoint:
+    the checkpoint's path and the run."""
     path = tmp_path / "model.ckpt"
     narrow = {"_target_": "deepcnn.models.RecipeCNN", "channels": 4, "hidden": [16, 8]}
     torch.save(lightning_checkpoint(tiny_classifier(narrow)), path)
-    result = run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={path}",
-                     "model.channels=8", "model.hidden=[16,8]", *TINY_RUN)
+    return path, run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}",
+                         f"{setting}={path}", "model.channels=8", "model.hidden=[16,8]", *TINY_RUN)
+
+
+def test_train_refuses_to_resume_from_another_network(tiny_data, tmp_path):
+    path, result = start_from_a_narrower_network("ckpt_path", tiny_data, tmp_path)
     assert result.returncode == 2
     assert (f"deepcnn: error: {path}: was trained with model.channels=4, but this run has model.channels=8; resume "
             "with the settings it was trained with") in result.stderr
@@ -189,11 +195,7 @@ def test_train_refuses_to_resume_from_another_network(tiny_data, tmp_path):
 
 
 def test_init_from_another_network_names_both_in_one_line(tiny_data, tmp_path):
-    path = tmp_path / "model.ckpt"
-    narrow = {"_target_": "deepcnn.models.RecipeCNN", "channels": 4, "hidden": [16, 8]}
-    torch.save(lightning_checkpoint(tiny_classifier(narrow)), path)
-    result = run_cli("train.py", f"data.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}", f"init_from={path}",
-                     "model.channels=8", "model.hidden=[16,8]", *TINY_RUN)
+    path, result = start_from_a_narrower_network("init_from", tiny_data, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"deepcnn: error: init_from={path}: holds the weights of RecipeCNN(channels=4, hidden=[16, 8]) for 3 classes, "

@@ -262,11 +262,13 @@ def write_reports(module: Classifier, summary: dict, run_dir: Path, loggers: lis
     log.info(f"{summary['images_per_second']} training images/s; run directory: {run_dir}")
 
 
-def write_failed_results(run_dir: Path, reason: str) -> None:
-    """results.json of a run of a sweep that failed: its reason, and no measurements."""
+def write_unfinished_results(run_dir: Path, reason: str, status: str = "failed", val_accuracy: float | None = None,
+                             steps: int | None = None) -> None:
+    """results.json of a run of a sweep that did not finish: failed (its reason, no measurements) or pruned (the
+    validation accuracy and step its pruner stopped it at)."""
     reports.write_json(run_dir / "results.json", {
-        "status": "failed", "reason": reason, "objective": None, "val_accuracy": None, "test_accuracy": None,
-        "steps": None, "train_seconds": None, "images_per_second": None})
+        "status": status, "reason": reason, "objective": None, "val_accuracy": val_accuracy, "test_accuracy": None,
+        "steps": steps, "train_seconds": None, "images_per_second": None})
 
 
 def train_job(cfg: DictConfig) -> float:
@@ -314,14 +316,12 @@ def train_job(cfg: DictConfig) -> float:
     except Pruned as pruned:
         # The sweeper tells the study the trial was pruned; the summary shows the accuracy it reached.
         log.info(f"run {pruned}")
-        reports.write_json(run_dir / "results.json", {
-            "status": "pruned", "reason": str(pruned), "objective": None, "val_accuracy": pruned.accuracy,
-            "test_accuracy": None, "steps": pruned.step, "train_seconds": None, "images_per_second": None})
+        write_unfinished_results(run_dir, str(pruned), "pruned", pruned.accuracy, pruned.step)
         raise
     except Exception as err:
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         log.error(f"run failed: {reason}")
-        write_failed_results(run_dir, reason)
+        write_unfinished_results(run_dir, reason)
         if hydra_cfg.sweeper["_target_"] != BASIC_SWEEPER:
             raise RunFailed(reason) from err
         return float("nan")

@@ -99,7 +99,7 @@ class SlurmLauncher(Launcher):
         """The job's own return, or, when it ended without one, a failed run recorded in its run directory."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
-        from deepcnn.experiment import RunFailed, write_failed_results
+        from deepcnn.experiment import RunFailed, write_unfinished_results
         from deepcnn.sweeps import BASIC_SWEEPER
         from deepcnn.files import replaced_on_success
         from deepcnn.summary import OVERRIDES, RESULTS
@@ -120,7 +120,7 @@ class SlurmLauncher(Launcher):
             with replaced_on_success(run_dir / OVERRIDES) as partial:
                 OmegaConf.save(OmegaConf.create(overrides), partial)
         if not (run_dir / RESULTS).exists():
-            write_failed_results(run_dir, reason)
+            write_unfinished_results(run_dir, reason)
         if self.submitit.config.hydra.sweeper._target_ == BASIC_SWEEPER:
             return JobReturn(overrides=overrides, working_dir=str(run_dir), status=JobStatus.COMPLETED,
                              _return_value=float("nan"))
