@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepcnn.errors import SettingsError
+from deepcnn.settings import BOOLEAN, check_value, integer, is_int, number
 
 SHORTCUTS = ("A", "B")
 
@@ -15,7 +16,7 @@ SHORTCUTS = ("A", "B")
 def blocks_per_stage(depth, extra: int, name: str, examples: str) -> int:
     """n for a network of three stages of n two-convolution blocks, depth = 6n + extra; any other depth is
     refused in one line."""
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 6 + extra or (depth - extra) % 6:
+    if not is_int(depth) or depth < 6 + extra or (depth - extra) % 6:
         raise SettingsError(f"model.depth: got {depth!r}; a {name}'s depth is 6n+{extra} with n >= 1 "
                             f"({examples}, ...)")
     return (depth - extra) // 6
@@ -118,8 +119,7 @@ class ResNet(ResidualStages):
 
     def __init__(self, num_classes: int = 10, depth: int = 20, shortcut: str = "A", preact: bool = False):
         n = blocks_per_stage(depth, 2, "CIFAR ResNet", "20, 32, 44, 56, 110")
-        if not isinstance(preact, bool):
-            raise SettingsError(f"model.preact: got {preact!r}; it must be true or false")
+        check_value("model.preact", preact, *BOOLEAN)
         super().__init__(num_classes, n, 16, (16, 32, 64), preact, shortcut)
 
 
@@ -129,8 +129,6 @@ class WideResNet(ResidualStages):
 
     def __init__(self, num_classes: int = 10, depth: int = 28, widen: int = 10, dropout: float = 0.3):
         n = blocks_per_stage(depth, 4, "wide ResNet", "16, 22, 28, 40")
-        if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
-            raise SettingsError(f"model.widen: got {widen!r}; it must be an integer >= 1")
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-            raise SettingsError(f"model.dropout: got {dropout!r}; it must be a number in [0, 1)")
+        check_value("model.widen", widen, *integer(1))
+        check_value("model.dropout", dropout, *number(0, 1, high_open=True))
         super().__init__(num_classes, n, 16, (16 * widen, 32 * widen, 64 * widen), True, "B", dropout)
